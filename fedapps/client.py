@@ -1,0 +1,183 @@
+"""Client-side work of every method, one function per Flower message type.
+
+``client_app.py`` registers these handlers; each reads the run config and models from the
+message, loads its partition (cached per process) and calls :mod:`fedapps.training`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedapps import training
+from fedapps.config import RunConfig
+from fedapps.data import ClientData, client_data, partition_for
+from fedapps.messages import from_arrays, new_model, run_config_of, to_arrays
+from fedapps.training import Optim
+
+
+def partition_id(context: Context, config: RunConfig) -> int:
+    """The node's partition, checked against the run's client count."""
+    node = context.node_config
+    if "partition-id" not in node:
+        raise KeyError(
+            "node config has no 'partition-id'; start the SuperNode with "
+            "--node-config 'partition-id=N num-partitions=M'"
+        )
+    expected = partition_for(config).num_clients
+    if "num-partitions" in node and int(node["num-partitions"]) != expected:
+        raise ValueError(
+            f"node config num-partitions={node['num-partitions']} but the run has "
+            f"{expected} clients (num-clients or the partition file)"
+        )
+    return int(node["partition-id"])
+
+
+def generator(config: RunConfig, *parts: int | str) -> torch.Generator:
+    """A seeded generator per (run seed, purpose, round, client): runs repeat exactly."""
+    digest = hashlib.sha256(repr((config.seed, *parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def optim_of(config: RunConfig) -> Optim:
+    return Optim(config.lr, config.momentum, config.weight_decay, config.clip_norm,
+                 config.batch_size)
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, ClientData, torch.device]:
+    config = run_config_of(msg.content)
+    pid = partition_id(context, config)
+    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
+    return config, pid, client_data(config, pid), training.resolve_device(config.device)
+
+
+def _reply(msg: Message, metrics: dict, **records: ArrayRecord | ConfigRecord) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), **records})
+    return Message(content=content, reply_to=msg)
+
+
+def _eval_metrics(prefix: str, result: training.EvalResult) -> dict[str, float]:
+    return {f"{prefix}-loss": result.loss, f"{prefix}-accuracy": result.accuracy}
+
+
+def describe(msg: Message, context: Context) -> Message:
+    """Query: who am I, how much data, and (``init-arch=local-best``) my best architecture.
+
+    local-best trains each candidate from scratch for ``local-best-epochs`` and keeps the one
+    with the lowest validation loss, as the FedMe paper chooses initial architectures.
+    """
+    config, pid, data, device = _setup(msg, context)
+    arch = ""
+    if config.method == "fedme" and config.init_arch == "local-best":
+        losses = {}
+        for name in config.candidates:
+            torch.manual_seed(config.seed)
+            model = new_model(name, config)
+            training.train(model, data.train.x, data.train.y, config.local_best_epochs,
+                           optim_of(config), generator(config, "local-best", pid), device)
+            losses[name] = training.evaluate(model, data.val.x, data.val.y, device).loss
+        arch = min(losses, key=losses.get)
+    return _reply(
+        msg,
+        {"partition-id": pid, "num-examples": len(data.train)},
+        info=ConfigRecord({"arch": arch}),
+    )
+
+
+def train_global(msg: Message, context: Context) -> Message:
+    """FedAvg local update of the shared model."""
+    config, pid, data, device = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    model = from_arrays(config.model, msg.content["arrays"], config)
+    loss = training.train(model, data.train.x, data.train.y, config.local_epochs,
+                          optim_of(config), generator(config, "train", server_round, pid), device)
+    return _reply(
+        msg,
+        {"partition-id": pid, "num-examples": len(data.train), "train-loss": loss},
+        arrays=to_arrays(model),
+    )
+
+
+def train_mutual(msg: Message, context: Context) -> Message:
+    """FedMe client round: deep mutual learning, then the adoption decision on validation loss.
+
+    The exchange model is adopted only when its validation loss is *strictly* lower. The
+    decision is made on this client's DML-trained copy; the server then hands the client the
+    AGGREGATED version of the chosen model (paper's rule, made explicit).
+    """
+    config, pid, data, device = _setup(msg, context)
+    info = msg.content["fedme"]
+    server_round = int(info["server-round"])
+    personal = from_arrays(str(info["personal-arch"]), msg.content["personal"], config)
+    exchange = from_arrays(str(info["exchange-arch"]), msg.content["exchange"], config)
+    loss_p, loss_ex = training.train_mutual(
+        personal, exchange, data.train.x, data.train.y, config.local_epochs, optim_of(config),
+        generator(config, "mutual", server_round, pid), device,
+        config.dml_temperature, config.dml_kl_weight,
+    )
+    val_p = training.evaluate(personal, data.val.x, data.val.y, device)
+    val_ex = training.evaluate(exchange, data.val.x, data.val.y, device)
+    adopt = val_ex.loss < val_p.loss
+    return _reply(
+        msg,
+        {
+            "partition-id": pid,
+            "num-examples": len(data.train),
+            "train-loss": loss_p,
+            "exchange-train-loss": loss_ex,
+            "val-loss": val_p.loss,
+            "exchange-val-loss": val_ex.loss,
+            "adopted": int(adopt),
+        },
+        personal=to_arrays(personal),
+        exchange=to_arrays(exchange),
+    )
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the model in the message on this client's test split."""
+    config, pid, data, device = _setup(msg, context)
+    model = from_arrays(_arch_of(msg, config), msg.content["arrays"], config)
+    result = training.evaluate(model, data.test.x, data.test.y, device)
+    return _reply(msg, {"partition-id": pid, "num-examples": result.num_examples,
+                        **_eval_metrics("test", result)})
+
+
+def finetune(msg: Message, context: Context) -> Message:
+    """End of training: test accuracy before and after ``finetune-epochs`` of plain CE."""
+    config, pid, data, device = _setup(msg, context)
+    model = from_arrays(_arch_of(msg, config), msg.content["arrays"], config)
+    before = training.evaluate(model, data.test.x, data.test.y, device)
+    training.train(model, data.train.x, data.train.y, config.finetune_epochs, optim_of(config),
+                   generator(config, "finetune", pid), device)
+    after = training.evaluate(model, data.test.x, data.test.y, device)
+    return _reply(msg, {"partition-id": pid, "num-examples": after.num_examples,
+                        **_eval_metrics("before", before), **_eval_metrics("after", after)})
+
+
+def train_local(msg: Message, context: Context) -> Message:
+    """Local-only baseline: train alone, keep the epoch with the best validation loss."""
+    config, pid, data, device = _setup(msg, context)
+    torch.manual_seed(config.seed + pid)
+    model = new_model(config.model, config)
+    best_loss, best_state = float("inf"), None
+    rng = generator(config, "local", pid)
+    for _ in range(config.num_rounds * config.local_epochs):
+        training.train(model, data.train.x, data.train.y, 1, optim_of(config), rng, device)
+        loss = training.evaluate(model, data.val.x, data.val.y, device).loss
+        if best_state is None or loss < best_loss:
+            best_loss = loss
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    result = training.evaluate(model, data.test.x, data.test.y, device)
+    return _reply(msg, {"partition-id": pid, "num-examples": result.num_examples,
+                        "val-loss": best_loss, **_eval_metrics("after", result),
+                        **_eval_metrics("before", result)})
+
+
+def _arch_of(msg: Message, config: RunConfig) -> str:
+    if "model" in msg.content.config_records:
+        return str(msg.content["model"]["arch"])
+    return config.model

@@ -1,0 +1,226 @@
+"""Typed run configuration: one place for defaults, parsing and validation.
+
+Flower hands every ServerApp and ClientApp a flat ``run_config`` of kebab-case keys
+(``[tool.flwr.app.config]`` in pyproject.toml plus ``--run-config`` overrides). This module turns
+it into a :class:`RunConfig` and rejects bad values *before* any training starts, with a message
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METHODS = ("fedme", "fedavg", "local")
+PARTITIONERS = ("iid", "dirichlet", "natural")
+INIT_ARCH_MODES = ("local-best", "random")
+CLUSTER_INPUTS = ("softmax", "logits")
+WEIGHTINGS = ("uniform", "samples")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot work; raised before training starts."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run. Field names are the kebab-case keys with '-' -> '_'."""
+
+    method: str = "fedme"
+    dataset: str = "digits"
+    data_path: str = ""
+    partitioner: str = "dirichlet"
+    partition_file: str = ""
+    alpha_label: float = 0.5
+    alpha_size: float = 10.0
+    num_clients: int = 10
+    unlabeled_size: int = -1  # -1: min(1000, 15% of the data), as the data allows
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    min_client_samples: int = 10
+    model: str = "cnn2"
+    candidate_models: str = "cnn1,cnn2,cnn3,cnn4"
+    init_arch: str = "local-best"
+    local_best_epochs: int = 5
+    num_rounds: int = 20
+    local_epochs: int = 2
+    batch_size: int = 20
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clip_norm: float = 10.0
+    finetune_epochs: int = 2
+    dml_temperature: float = 1.0
+    dml_kl_weight: float = 1.0
+    cluster_schedule: str = "paper"
+    cluster_on: str = "softmax"
+    kmeans_restarts: int = 10
+    aggregation_weighting: str = "uniform"
+    eval_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    results_dir: str = "results"
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys; unknown keys are an error (typos must not pass)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                allowed = ", ".join(sorted(k.replace("_", "-") for k in known))
+                raise ConfigError(f"unknown config key '{key}'; known keys: {allowed}")
+            kwargs[name] = _coerce(key, value, known[name].type)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case view, as written to the results folder and sent to clients."""
+        return {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> RunConfig:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    # ------------------------------------------------------------- derived views
+    @property
+    def candidates(self) -> list[str]:
+        return [name.strip() for name in self.candidate_models.split(",") if name.strip()]
+
+    def cluster_schedule_pairs(self) -> list[tuple[int, int]]:
+        """[(first round, k), ...] sorted; 'paper' = 1 -> 2 -> 3 -> 4 at T/2, 3T/4, 0.9T."""
+        if self.cluster_schedule == "paper":
+            t = self.num_rounds
+            pairs = [(1, 1), (t // 2 + 1, 2), (3 * t // 4 + 1, 3), (int(0.9 * t) + 1, 4)]
+            deduped: dict[int, int] = {}
+            for start, k in pairs:
+                deduped[start] = k  # later entries win when T is tiny
+            return sorted(deduped.items())
+        pairs = []
+        for item in self.cluster_schedule.split(","):
+            try:
+                start, k = (int(part) for part in item.split(":"))
+            except ValueError:
+                raise ConfigError(
+                    f"cluster-schedule='{self.cluster_schedule}': expected 'paper' or "
+                    "'round:k,round:k,...' (e.g. '1:1,10:2'); bad item "
+                    f"'{item}'"
+                ) from None
+            if start < 1 or k < 1:
+                raise ConfigError(
+                    f"cluster-schedule='{self.cluster_schedule}': rounds and k must be >= 1"
+                )
+            pairs.append((start, k))
+        return sorted(pairs)
+
+    def clusters_at(self, server_round: int) -> int:
+        k = 1
+        for start, value in self.cluster_schedule_pairs():
+            if server_round >= start:
+                k = value
+        return k
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        from fedapps.data.registry import DATASETS  # local import: data imports config
+        from fedapps.models import MODELS
+
+        _one_of("method", self.method, METHODS)
+        _one_of("dataset", self.dataset, tuple(DATASETS))
+        _one_of("partitioner", self.partitioner, PARTITIONERS)
+        _one_of("cluster-on", self.cluster_on, CLUSTER_INPUTS)
+        _one_of("aggregation-weighting", self.aggregation_weighting, WEIGHTINGS)
+        _one_of("device", self.device, DEVICES)
+        _one_of("model", self.model, tuple(MODELS))
+        for name in self.candidates:
+            _one_of("candidate-models", name, tuple(MODELS))
+        if not self.candidates:
+            raise ConfigError("candidate-models is empty; give at least one model name")
+        self._validate_init_arch(tuple(MODELS))
+        for key in ("alpha-label", "alpha-size", "lr", "dml-temperature"):
+            value = getattr(self, key.replace("-", "_"))
+            if not value > 0:
+                raise ConfigError(f"{key}={value}: must be > 0")
+        for key in ("num-clients", "num-rounds", "batch-size", "eval-every", "kmeans-restarts"):
+            value = getattr(self, key.replace("-", "_"))
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be >= 1")
+        for key in ("local-epochs", "finetune-epochs", "local-best-epochs", "min-client-samples"):
+            value = getattr(self, key.replace("-", "_"))
+            if value < 0:
+                raise ConfigError(f"{key}={value}: must be >= 0")
+        for key in ("momentum", "weight-decay", "clip-norm", "dml-kl-weight"):
+            value = getattr(self, key.replace("-", "_"))
+            if value < 0:
+                raise ConfigError(f"{key}={value}: must be >= 0")
+        for key in ("val-fraction", "test-fraction"):
+            value = getattr(self, key.replace("-", "_"))
+            if not 0 <= value < 1:
+                raise ConfigError(f"{key}={value}: must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"val-fraction + test-fraction = {self.val_fraction + self.test_fraction}: "
+                "must be < 1 so that clients keep training data"
+            )
+        if self.unlabeled_size < -1:
+            raise ConfigError(
+                f"unlabeled-size={self.unlabeled_size}: must be -1 (automatic) or >= 0"
+            )
+        if self.data_path and not Path(self.data_path).exists():
+            raise ConfigError(f"data-path='{self.data_path}': no such file or directory")
+        if self.partition_file and not Path(self.partition_file).is_file():
+            raise ConfigError(f"partition-file='{self.partition_file}': no such file")
+        self.cluster_schedule_pairs()
+
+    def _validate_init_arch(self, models: tuple[str, ...]) -> None:
+        if self.init_arch in INIT_ARCH_MODES:
+            return
+        names = [name.strip() for name in self.init_arch.split(",")]
+        for name in names:
+            if name not in models:
+                raise ConfigError(
+                    f"init-arch='{self.init_arch}': '{name}' is not a model; allowed: "
+                    f"{', '.join(INIT_ARCH_MODES)}, one model name, or a comma-separated "
+                    f"list of one model per client; models: {', '.join(models)}"
+                )
+        if len(names) > 1 and not self.partition_file and len(names) != self.num_clients:
+            raise ConfigError(
+                f"init-arch lists {len(names)} models but num-clients={self.num_clients}; "
+                "give one model per client or a single name for all"
+            )
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}='{value}' is not known; allowed: {', '.join(allowed)}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Accept what TOML and the Flower CLI give (ints for floats, numeric strings)."""
+    kind = {"int": int, "float": float, "str": str}.get(str(annotation), None)
+    if kind is None:
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected {kind.__name__}") from None
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    return number

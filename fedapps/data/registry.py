@@ -1,0 +1,195 @@
+"""Data sets by name, each loaded whole into memory as numpy arrays.
+
+Every loader returns a :class:`Dataset` whose sample order is fixed, so a partition is just lists
+of indices into it (see :mod:`fedapps.data.partition`). Data sets with separate train/test splits
+are concatenated in a documented order (``index_space``) so one index space covers everything.
+
+Hub data sets load through Hugging Face ``datasets`` (what flwr-datasets builds on) by their ids;
+``data-path`` points at a local copy instead (a folder written by ``Dataset.save_to_disk`` or, for
+CIFAR-10, torchvision's ``cifar-10-batches-py`` folder), so runs work offline once fetched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# LEAF's Shakespeare alphabet: the index of a character is its class.
+SHAKESPEARE_LETTERS = (
+    "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
+)
+
+
+class DataError(ValueError):
+    """Data that cannot be used: missing files, malformed arrays, impossible partitions."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Features, labels and optional natural client ids (writer, character) of one data set."""
+
+    name: str
+    x: np.ndarray  # float32 images (N, C, H, W) or int64 token sequences (N, L)
+    y: np.ndarray  # int64 labels (N,)
+    num_classes: int
+    groups: np.ndarray | None = None  # natural id per sample, for the 'natural' partitioner
+    index_space: str = "sample order of the data set"
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.x.ndim == 2
+
+
+def load_digits(data_path: str = "") -> Dataset:
+    """scikit-learn's 8x8 handwritten digits: ships with the package, needs no network."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    return Dataset("digits", x, bunch.target.astype(np.int64), 10)
+
+
+def load_npz(data_path: str) -> Dataset:
+    """Bring your own: an .npz with ``x`` (images or int sequences), ``y`` and optional ``groups``."""
+    if not data_path:
+        raise DataError("dataset='npz' needs data-path pointing at an .npz file with x and y")
+    try:
+        arrays = np.load(data_path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(f"data-path='{data_path}': not a readable .npz file ({error})") from None
+    missing = {"x", "y"} - set(arrays.files)
+    if missing:
+        raise DataError(
+            f"data-path='{data_path}': missing array(s) {sorted(missing)}; found {arrays.files}"
+        )
+    x, y = arrays["x"], arrays["y"]
+    if len(x) != len(y):
+        raise DataError(f"data-path='{data_path}': x has {len(x)} samples but y has {len(y)}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise DataError(f"data-path='{data_path}': y must be a 1-D array of labels >= 0")
+    if np.issubdtype(x.dtype, np.integer) and x.ndim == 2:
+        features = x.astype(np.int64)  # token sequences
+        num_classes = int(max(y.max(initial=0), x.max(initial=0))) + 1
+    else:
+        features = _as_channels_first(x.astype(np.float32), data_path)
+        if not np.isfinite(features).all():
+            raise DataError(f"data-path='{data_path}': x contains NaN or infinite values")
+        num_classes = int(y.max(initial=0)) + 1
+    groups = arrays["groups"] if "groups" in arrays.files else None
+    return Dataset("npz", features, y.astype(np.int64), num_classes, groups)
+
+
+def load_cifar10(data_path: str = "") -> Dataset:
+    """CIFAR-10 (``uoft-cs/cifar10``), train then test split; or torchvision's local folder."""
+    folder = Path(data_path) if data_path else None
+    if folder is not None and _is_torchvision_cifar(folder):
+        from torchvision.datasets import CIFAR10
+
+        root = folder.parent if folder.name == "cifar-10-batches-py" else folder
+        parts = [CIFAR10(str(root), train=train, download=False) for train in (True, False)]
+        images = np.concatenate([part.data for part in parts])
+        labels = np.concatenate([np.asarray(part.targets) for part in parts])
+    else:
+        table = _hf_table("uoft-cs/cifar10", data_path)
+        images = np.stack([np.asarray(img.convert("RGB")) for img in table["img"]])
+        labels = np.asarray(table["label"])
+    x = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
+    return Dataset(
+        "cifar10",
+        x.transpose(0, 3, 1, 2).copy(),
+        labels.astype(np.int64),
+        10,
+        index_space="CIFAR-10 train split (50,000) followed by its test split (10,000)",
+    )
+
+
+def load_femnist(data_path: str = "") -> Dataset:
+    """FEMNIST (``flwrlabs/femnist``): 62 classes, natural clients = writers."""
+    table = _hf_table("flwrlabs/femnist", data_path)
+    images = np.stack([np.asarray(img.convert("L")) for img in table["image"]])
+    x = (images.astype(np.float32) / 255.0)[:, None, :, :]
+    _, writers = np.unique(np.asarray(table["writer_id"]), return_inverse=True)
+    return Dataset(
+        "femnist", x, np.asarray(table["character"], dtype=np.int64), 62, writers,
+        index_space="flwrlabs/femnist splits concatenated, train first, then the others by name",
+    )
+
+
+def load_shakespeare(data_path: str = "") -> Dataset:
+    """Shakespeare (``flwrlabs/shakespeare``): next character of an 80-character line."""
+    table = _hf_table("flwrlabs/shakespeare", data_path)
+    lookup = {char: index for index, char in enumerate(SHAKESPEARE_LETTERS)}
+    unknown = len(SHAKESPEARE_LETTERS) - 1  # rare characters map to the last symbol
+
+    def encode(text: str) -> list[int]:
+        return [lookup.get(char, unknown) for char in text]
+
+    x = np.asarray([encode(text) for text in table["x"]], dtype=np.int64)
+    y = np.asarray([encode(char)[0] for char in table["y"]], dtype=np.int64)
+    _, characters = np.unique(np.asarray(table["character_id"]), return_inverse=True)
+    return Dataset(
+        "shakespeare", x, y, len(SHAKESPEARE_LETTERS), characters,
+        index_space="flwrlabs/shakespeare splits concatenated, train first, then the others by name",
+    )
+
+
+DATASETS: dict[str, Callable[[str], Dataset]] = {
+    "digits": load_digits,
+    "cifar10": load_cifar10,
+    "femnist": load_femnist,
+    "shakespeare": load_shakespeare,
+    "npz": load_npz,
+}
+
+
+def load_dataset(name: str, data_path: str = "") -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"dataset='{name}' is not known; allowed: {', '.join(DATASETS)}")
+    return DATASETS[name](data_path)
+
+
+def _hf_table(hub_id: str, data_path: str):
+    """All splits of a Hub data set (or a save_to_disk copy): train first, then by name."""
+    import datasets
+
+    if data_path:
+        try:
+            loaded = datasets.load_from_disk(data_path)
+        except FileNotFoundError as error:
+            raise DataError(
+                f"data-path='{data_path}': not a folder written by datasets' save_to_disk "
+                f"({error})"
+            ) from None
+    else:
+        loaded = datasets.load_dataset(hub_id)
+    if isinstance(loaded, datasets.DatasetDict):
+        order = sorted(loaded, key=lambda split: (split != "train", split))
+        loaded = datasets.concatenate_datasets([loaded[split] for split in order])
+    return loaded
+
+
+def _is_torchvision_cifar(folder: Path) -> bool:
+    return (folder / "data_batch_1").exists() or (
+        folder / "cifar-10-batches-py" / "data_batch_1"
+    ).exists()
+
+
+def _as_channels_first(x: np.ndarray, source: str) -> np.ndarray:
+    if x.ndim == 3:
+        return x[:, None, :, :]
+    if x.ndim == 4:
+        return x if x.shape[1] in (1, 3) else x.transpose(0, 3, 1, 2).copy()
+    raise DataError(
+        f"{source}: x has shape {x.shape}; expected images (N,H,W), (N,C,H,W), (N,H,W,C) "
+        "or integer sequences (N,L)"
+    )

@@ -1,0 +1,137 @@
+"""Run the app with ``flwr run`` in Flower's local simulation, with the environment it needs.
+
+    python -m fedapps.launch [conf/EXPERIMENT.toml] [--set key=value ...]
+
+Handles what ``flwr run .`` leaves to the user (see the README): a project-local FLWR_HOME with
+a local-simulation connection, no per-run reinstall of dependencies, free ports for the local
+SuperLink (the default port is shared by every user of a machine), one SuperNode per client
+with sensible client resources, and stopping the SuperLink afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fedapps.config import RunConfig
+
+PROJECT = Path(__file__).resolve().parent.parent
+PATH_KEYS = ("data-path", "partition-file", "results-dir")
+LOCAL_CONNECTION = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+
+
+def app_defaults(project: Path = PROJECT) -> dict[str, Any]:
+    with (project / "pyproject.toml").open("rb") as stream:
+        return tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
+
+
+def resolve(config_file: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults < config file < overrides, with paths made absolute for the app processes."""
+    values = app_defaults()
+    if config_file:
+        with open(config_file, "rb") as stream:
+            values.update(tomllib.load(stream))
+    values.update(overrides)
+    RunConfig.from_mapping(values)  # fail here, before Flower starts, on a bad config
+    for key in PATH_KEYS:
+        if values.get(key):
+            values[key] = str(Path(values[key]).resolve())
+    return values
+
+
+def num_supernodes(values: Mapping[str, Any]) -> int:
+    if values.get("partition-file"):
+        return len(json.loads(Path(values["partition-file"]).read_text())["clients"])
+    return int(values["num-clients"])
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set expects key=value, got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return key.strip(), value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flwr_environment(home: Path) -> dict[str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(LOCAL_CONNECTION)
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        PYTHONUNBUFFERED="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+def stop_local_superlink(port: str) -> None:
+    """The CLI leaves its SuperLink running; stop the one this launch started."""
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any("flower-superlink" in part for part in cmdline) and port in cmdline:
+            for child in process.children(recursive=True):
+                child.kill()
+            process.kill()
+
+
+def launch(
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    home: Path | None = None,
+) -> int:
+    values = resolve(config_file, overrides or {})
+    env = flwr_environment(home or PROJECT / ".flwr")
+    run_config = Path(env["FLWR_HOME"]) / "run-config.toml"
+    run_config.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    federation = (
+        f"num-supernodes={num_supernodes(values)} client-resources-num-cpus={num_cpus:g} "
+        f"client-resources-num-gpus={num_gpus:g}"
+    )
+    command = [str(Path(sys.executable).parent / "flwr"), "run", str(PROJECT), "--stream",
+               "--run-config", str(run_config),
+               "--federation-config", federation]
+    try:
+        return subprocess.run(command, env=env, cwd=PROJECT, check=False).returncode
+    finally:
+        stop_local_superlink(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("config", nargs="?", help="experiment file, e.g. conf/fedme-digits.toml")
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
+                        default=[], metavar="KEY=VALUE", help="override one run-config key")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per client (Ray)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per client (Ray)")
+    args = parser.parse_args(argv)
+    return launch(args.config, dict(args.overrides), args.num_cpus, args.num_gpus)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

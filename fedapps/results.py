@@ -1,0 +1,128 @@
+"""The results folder of a run: config, per-round JSONL log, summary JSON and plots.
+
+``results/<method>-<dataset>-<timestamp>/`` holds ``config.json`` (the resolved run config),
+``rounds.jsonl`` (one JSON object per round, appended and flushed as the round ends, so a crash
+never leaves a half-written history), ``summary.json`` and ``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedapps.config import RunConfig
+
+
+class RunRecorder:
+    def __init__(self, config: RunConfig, folder: Path | None = None) -> None:
+        self.config = config
+        if folder is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+            folder = Path(config.results_dir) / f"{config.method}-{config.dataset}-{stamp}"
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        write_json(self.folder / "config.json", config.to_dict())
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "rounds.jsonl"
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def log_round(self, server_round: int, **fields: Any) -> dict[str, Any]:
+        """Append one round; also prints the one-line progress report users watch."""
+        row = {"round": server_round, "time": round(self.elapsed(), 3), **fields}
+        with self.log_path.open("a") as stream:
+            stream.write(json.dumps(row, default=_jsonable) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        print(progress_line(row, self.config.num_rounds), flush=True)
+        return row
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        path = self.folder / "summary.json"
+        write_json(path, {"method": self.config.method, "dataset": self.config.dataset,
+                          "wall-time-s": round(self.elapsed(), 2), **summary})
+        plot_run(self.folder)
+        return path
+
+
+def progress_line(row: Mapping[str, Any], num_rounds: int) -> str:
+    parts = [f"[round {row['round']}/{num_rounds}]", f"t={row['time']:.1f}s"]
+    for key in ("train-loss", "accuracy", "accuracy-sd", "k", "adoptions"):
+        value = row.get(key)
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4f}")
+        elif value is not None:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def client_summary(accuracies: Mapping[int, float], sizes: Mapping[int, int]) -> dict[str, float]:
+    """Mean and SD over clients (unweighted, as the paper reports) and the sample-weighted mean."""
+    values = [accuracies[c] for c in sorted(accuracies) if not math.isnan(accuracies[c])]
+    if not values:
+        return {"mean": float("nan"), "sd": float("nan"), "weighted-mean": float("nan")}
+    total = sum(sizes[c] for c in accuracies)
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.pstdev(values) if len(values) > 1 else 0.0,
+        "weighted-mean": sum(accuracies[c] * sizes[c] for c in accuracies) / max(total, 1),
+    }
+
+
+def read_rounds(folder: str | Path) -> list[dict[str, Any]]:
+    path = Path(folder) / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(folder: str | Path, rows: Sequence[Mapping[str, Any]] | None = None) -> Path | None:
+    """Mean client accuracy by round and by wall-clock time (``accuracy.png``)."""
+    rows = [r for r in (rows if rows is not None else read_rounds(folder)) if "accuracy" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    accuracy = [r["accuracy"] for r in rows]
+    by_round.plot([r["round"] for r in rows], accuracy, marker="o", markersize=3)
+    by_round.set(xlabel="round", ylabel="mean client test accuracy", title="by round")
+    by_time.plot([r["time"] for r in rows], accuracy, marker="o", markersize=3)
+    by_time.set(xlabel="wall-clock seconds", title="by time")
+    for axis in (by_round, by_time):
+        axis.grid(alpha=0.3)
+    fig.suptitle(Path(folder).name)
+    fig.tight_layout()
+    path = Path(folder) / "accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Write-then-rename, so a reader never sees half a file."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(content, indent=2, default=_jsonable))
+    temporary.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,179 @@
+"""The ServerApp's work: resolve the config, find the clients, run a method, write results.
+
+``server_app.py`` only hands Flower's ``grid`` and ``context`` to :func:`run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedapps.config import RunConfig
+from fedapps.data import dataset_for, partition_for, save_partition, unlabeled_inputs
+from fedapps.messages import config_record, new_model
+from fedapps.results import RunRecorder, client_summary
+from fedapps.strategies.fedavg import RecordedFedAvg
+from fedapps.strategies.fedme import FedMe, per_client
+
+log = logging.getLogger(__name__)
+
+NODE_WAIT_S = 300.0
+REPLY_TIMEOUT_S = 3600.0
+
+
+class ClientFailure(RuntimeError):
+    """Clients answered a set-up message with errors; names each client and its error."""
+
+
+def run(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None) -> Path:
+    """Run the configured method; returns the results folder."""
+    config = RunConfig.from_mapping({**context.run_config, **(overrides or {})})
+    random.seed(config.seed)  # Flower's node sampling uses the random module
+    dataset = dataset_for(config.dataset, config.data_path)
+    partition = partition_for(config)  # bad partitions fail here, before any client works
+    recorder = RunRecorder(config)
+    save_partition(partition, dataset, recorder.folder / "partition.json")
+    print(f"fedapps: {config.method} on {config.dataset}, {partition.num_clients} clients, "
+          f"{config.num_rounds} rounds; results in {recorder.folder}", flush=True)
+    clients = discover_clients(grid, config, partition.num_clients)
+    if config.method == "fedme":
+        final = run_fedme(grid, config, clients, recorder)
+    elif config.method == "fedavg":
+        final = run_fedavg(grid, config, clients, recorder)
+    else:
+        final = None
+    accuracies = finetune_clients(grid, config, clients, final)
+    sizes = {pid: info["num-test"] for pid, info in accuracies.items()}
+    summary = {
+        "num-clients": partition.num_clients,
+        "rounds": config.num_rounds,
+        "before-finetune": client_summary({p: a["before"] for p, a in accuracies.items()}, sizes),
+        "after-finetune": client_summary({p: a["after"] for p, a in accuracies.items()}, sizes),
+        "clients": {str(p): a for p, a in sorted(accuracies.items())},
+    }
+    if final is not None and config.method == "fedme":
+        summary["architectures"] = {str(p): arch for p, (arch, _) in sorted(final.items())}
+    recorder.write_summary(summary)
+    after = summary["after-finetune"]
+    print(f"fedapps: done in {recorder.elapsed():.1f}s; accuracy {after['mean']:.4f} ± "
+          f"{after['sd']:.4f} over clients; results in {recorder.folder}", flush=True)
+    return recorder.folder
+
+
+def discover_clients(grid: Grid, config: RunConfig, expected: int) -> dict[int, dict[str, Any]]:
+    """Ask every node who it is: ``{partition id: {node, num-examples, arch}}``."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise ClientFailure(
+                f"only {len(nodes)} of {expected} SuperNodes connected after {NODE_WAIT_S:.0f}s"
+            )
+        time.sleep(0.5)
+    messages = [
+        Message(
+            content=RecordDict({"config": config_record(config)}),
+            message_type=MessageType.QUERY,
+            dst_node_id=n,
+        )
+        for n in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if errors:
+        raise ClientFailure("clients failed to start: " + "; ".join(errors))
+    clients: dict[int, dict[str, Any]] = {}
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        pid = int(metrics["partition-id"])
+        if pid in clients:
+            raise ClientFailure(f"two nodes claim partition-id={pid}; check their node config")
+        clients[pid] = {
+            "node": reply.metadata.src_node_id,
+            "num-examples": int(metrics["num-examples"]),
+            "arch": str(reply.content["info"]["arch"]),
+        }
+    missing = sorted(set(range(expected)) - set(clients))
+    if missing:
+        raise ClientFailure(f"no node answered for partition(s) {missing}")
+    return clients
+
+
+def initial_architectures(config: RunConfig, clients: Mapping[int, Mapping[str, Any]]):
+    """init-arch: local-best (clients chose), random (seeded), one name, or one per client."""
+    pids = sorted(clients)
+    if config.init_arch == "local-best":
+        return {pid: clients[pid]["arch"] for pid in pids}
+    if config.init_arch == "random":
+        rng = np.random.default_rng(config.seed)
+        return {pid: str(rng.choice(config.candidates)) for pid in pids}
+    names = [name.strip() for name in config.init_arch.split(",")]
+    if len(names) == 1:
+        return dict.fromkeys(pids, names[0])
+    if len(names) != len(pids):
+        raise ValueError(f"init-arch lists {len(names)} models for {len(pids)} clients")
+    return dict(zip(pids, names))
+
+
+def run_fedme(grid, config, clients, recorder) -> dict[int, tuple[str, ArrayRecord]]:
+    archs = initial_architectures(config, clients)
+    log.info("FedMe initial architectures: %s", archs)
+    strategy = FedMe(
+        config,
+        {pid: info["node"] for pid, info in clients.items()},
+        archs,
+        unlabeled_inputs(config),
+        {pid: info["num-examples"] for pid, info in clients.items()},
+        on_round=recorder.log_round,
+    )
+    strategy.start(grid, ArrayRecord(), num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S)
+    return strategy.final_models()
+
+
+def run_fedavg(grid, config, clients, recorder) -> dict[int, tuple[str, ArrayRecord]]:
+    count = len(clients)
+    strategy = RecordedFedAvg(
+        on_round=recorder.log_round,
+        min_train_nodes=count,
+        min_evaluate_nodes=count,
+        min_available_nodes=count,
+    )
+    torch.manual_seed(config.seed)
+    initial = ArrayRecord(new_model(config.model, config).state_dict())
+    result = strategy.start(
+        grid, initial, num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S,
+        train_config=config_record(config), evaluate_config=config_record(config),
+    )
+    return dict.fromkeys(clients, (config.model, result.arrays))
+
+
+def finetune_clients(grid, config, clients, final) -> dict[int, dict[str, float]]:
+    """Each client fine-tunes and tests its final model (or trains alone, for local-only)."""
+    messages = []
+    for pid, info in sorted(clients.items()):
+        content = RecordDict({"config": config_record(config)})
+        if final is None:
+            message_type = MessageType.TRAIN + ".local"
+        else:
+            arch, arrays = final[pid]
+            content["model"] = ConfigRecord({"arch": arch})
+            content["arrays"] = arrays
+            message_type = MessageType.EVALUATE + ".finetune"
+        messages.append(
+            Message(content=content, message_type=message_type, dst_node_id=info["node"])
+        )
+    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+    before, after = per_client(replies, "before-accuracy"), per_client(replies, "after-accuracy")
+    tested = per_client(replies, "num-examples")
+    return {
+        pid: {"before": before[pid], "after": after[pid], "num-test": int(tested[pid])}
+        for pid in sorted(after)
+    }

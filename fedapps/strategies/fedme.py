@@ -1,0 +1,324 @@
+"""FedMe (federated learning by model exchange) as a Flower Strategy.
+
+Per round (the paper's Algorithm 1): run every personalized model on the server's unlabeled pool
+U, cluster the models by those outputs with k-means (K_t from a schedule), give each client a
+random other model of its cluster, let clients train both by deep mutual learning and decide
+whether to adopt the exchange model, then average every model with its trained copies (eq. 8).
+
+Differences from the authors' reference code, on purpose: k-means never collapses to one
+cluster (k-means++ with restarts, K capped by the number of distinct models, logged); softmax
+outputs are clustered by default (raw logits are an option); outputs on U come from one batched
+pass per model; clients run in parallel through Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from sklearn.cluster import KMeans
+from torch import nn
+
+from fedapps import training
+from fedapps.config import RunConfig
+from fedapps.messages import BadModelError, check_state, config_record, new_model
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ clustering and exchange
+
+
+@dataclass(frozen=True)
+class Clustering:
+    labels: np.ndarray  # cluster of each model, in the order given
+    requested_k: int
+    used_k: int
+    note: str = ""
+
+
+def cluster_models(features: np.ndarray, k: int, seed: int, restarts: int = 10) -> Clustering:
+    """k-means on one output vector per model; never silently returns fewer clusters.
+
+    K is capped by the number of distinct vectors (identical models are common after adoption);
+    the cap is reported in ``note``. Empty clusters cannot survive: labels are compacted.
+    """
+    requested = k
+    distinct = len(np.unique(features.round(decimals=6), axis=0))
+    k = max(1, min(k, distinct))
+    note = "" if k == requested else f"K={requested} capped to {k} distinct model outputs"
+    if k == 1:
+        return Clustering(np.zeros(len(features), dtype=int), requested, 1, note)
+    kmeans = KMeans(n_clusters=k, init="k-means++", n_init=restarts, random_state=seed)
+    raw = kmeans.fit_predict(features)
+    _, labels = np.unique(raw, return_inverse=True)  # compact ids: no empty clusters
+    used = int(labels.max()) + 1
+    if used < k:
+        note = (note + "; " if note else "") + f"k-means left {k - used} cluster(s) empty"
+    return Clustering(labels, requested, used, note)
+
+
+def assign_exchange(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Partner index per model: a random OTHER member of its cluster, else any other model."""
+    count = len(labels)
+    if count < 2:
+        raise ValueError("FedMe needs at least two clients to exchange models")
+    partners = np.empty(count, dtype=int)
+    for i in range(count):
+        same = [j for j in range(count) if j != i and labels[j] == labels[i]]
+        pool = same or [j for j in range(count) if labels[j] != labels[i]]
+        partners[i] = rng.choice(pool)
+    return partners
+
+
+def model_features(outputs: torch.Tensor, on: str) -> np.ndarray:
+    """Flatten a model's outputs on U into one vector (softmax by default)."""
+    values = outputs.softmax(dim=1) if on == "softmax" else outputs
+    return values.reshape(-1).double().numpy()
+
+
+# ------------------------------------------------------------------------------ eq. 8
+
+
+def average_states(
+    states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Weighted mean of state dicts of one architecture (integer buffers keep the first)."""
+    weights = weights or [1.0] * len(states)
+    total = float(sum(weights))
+    result = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            stacked = torch.stack([s[name].double() * w for s, w in zip(states, weights)])
+            result[name] = (stacked.sum(dim=0) / total).to(first.dtype)
+        else:
+            result[name] = first.clone()
+    return result
+
+
+@dataclass
+class Contribution:
+    """One trained copy of model ``owner`` sent back by client ``trainer``."""
+
+    owner: int
+    trainer: int
+    state: dict[str, torch.Tensor]
+    num_examples: int
+
+
+def aggregate_models(
+    contributions: Iterable[Contribution], weighting: str = "uniform"
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Eq. 8: each model averaged with every trained copy of itself (never across models)."""
+    by_owner: dict[int, list[Contribution]] = {}
+    for item in contributions:
+        by_owner.setdefault(item.owner, []).append(item)
+    return {
+        owner: average_states(
+            [c.state for c in copies],
+            [float(c.num_examples) for c in copies] if weighting == "samples" else None,
+        )
+        for owner, copies in by_owner.items()
+    }
+
+
+# ------------------------------------------------------------------------------ strategy
+
+
+@dataclass
+class ClientModel:
+    arch: str
+    model: nn.Module
+    num_examples: int = 1
+
+
+RoundLogger = Callable[..., object]
+
+
+class FedMe(Strategy):
+    """Keeps every client's personalized model and architecture; one message per node.
+
+    ``clients`` maps partition id -> node id; ``archs`` the initial architecture of each client.
+    ``on_round(server_round, **fields)`` receives the round record (results log).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        clients: Mapping[int, int],
+        archs: Mapping[int, str],
+        unlabeled: torch.Tensor,
+        num_examples: Mapping[int, int] | None = None,
+        on_round: RoundLogger | None = None,
+    ) -> None:
+        self.config = config
+        self.node_of = dict(clients)
+        self.unlabeled = unlabeled
+        self.device = training.resolve_device(config.device)
+        self.rng = np.random.default_rng(config.seed)
+        self.on_round = on_round or (lambda *args, **kwargs: None)
+        self.models: dict[int, ClientModel] = {}
+        for pid in sorted(self.node_of):
+            torch.manual_seed(config.seed * 1000 + pid)
+            self.models[pid] = ClientModel(
+                archs[pid], new_model(archs[pid], config), (num_examples or {}).get(pid, 1)
+            )
+        self.partner: dict[int, int] = {}
+        self.round_info: dict[str, object] = {}
+
+    # --------------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        started = time.perf_counter()
+        pids = sorted(self.models)
+        outputs = [training.predict(self.models[p].model, self.unlabeled, self.device) for p in pids]
+        features = np.stack([model_features(o, self.config.cluster_on) for o in outputs])
+        clustering = cluster_models(
+            features, self.config.clusters_at(server_round), self.config.seed + server_round,
+            self.config.kmeans_restarts,
+        )
+        if clustering.note:
+            log.warning("round %d: %s", server_round, clustering.note)
+        partners = assign_exchange(clustering.labels, self.rng)
+        self.partner = {pid: pids[j] for pid, j in zip(pids, partners)}
+        self.round_info = {
+            "k": clustering.used_k,
+            "k-requested": clustering.requested_k,
+            "clusters": {str(p): int(c) for p, c in zip(pids, clustering.labels)},
+            "exchange": {str(p): q for p, q in self.partner.items()},
+            "clustering-note": clustering.note,
+            "server-cluster-s": round(time.perf_counter() - started, 4),
+        }
+        return [self._train_message(pid, server_round, config) for pid in pids]
+
+    def _train_message(self, pid: int, server_round: int, config: ConfigRecord) -> Message:
+        own, other = self.models[pid], self.models[self.partner[pid]]
+        content = RecordDict({
+            "config": config_record(self.config),
+            "fedme": ConfigRecord({
+                "server-round": server_round,
+                "personal-arch": own.arch,
+                "exchange-arch": other.arch,
+                "exchange-owner": self.partner[pid],
+            }),
+            "personal": ArrayRecord(own.model.state_dict()),
+            "exchange": ArrayRecord(other.model.state_dict()),
+        })
+        return Message(content=content, message_type=MessageType.TRAIN + ".mutual",
+                       dst_node_id=self.node_of[pid])
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        contributions, adopted, losses, rejected = [], {}, {}, {}
+        pid_of = {node: pid for pid, node in self.node_of.items()}
+        for reply in replies:
+            pid = pid_of.get(reply.metadata.src_node_id)
+            if pid is None:
+                continue
+            try:
+                pieces = self._unpack(pid, reply)
+            except (BadModelError, KeyError, TypeError, ValueError) as error:
+                rejected[pid] = str(error)
+                log.warning("round %d: reply of client %d rejected: %s", server_round, pid, error)
+                continue
+            contributions += pieces[0]
+            adopted[pid], losses[pid] = pieces[1], pieces[2]
+        replied = set(adopted)
+        # A client that did not reply keeps its model: its copies held by others are dropped too.
+        usable = [c for c in contributions if c.owner in replied]
+        merged = aggregate_models(usable, self.config.aggregation_weighting)
+        for owner, state in merged.items():
+            self.models[owner].model.load_state_dict(state)
+        for pid, adopt in adopted.items():
+            source = self.partner[pid]
+            if adopt and source in merged:
+                chosen = self.models[source]
+                model = new_model(chosen.arch, self.config)
+                model.load_state_dict(chosen.model.state_dict())
+                self.models[pid] = ClientModel(chosen.arch, model, self.models[pid].num_examples)
+        self.round_info.update({
+            "replies": len(replied),
+            "rejected": rejected,
+            "adoptions": {str(p): self.partner[p] for p, a in adopted.items() if a},
+            "architectures": dict(sorted(Counter(m.arch for m in self.models.values()).items())),
+        })
+        if not losses:
+            return None, None
+        return None, MetricRecord({"train-loss": float(np.mean(list(losses.values())))})
+
+    def _unpack(self, pid: int, reply: Message) -> tuple[list[Contribution], bool, float]:
+        if reply.has_error():
+            raise ValueError(f"client error: {reply.error.reason}")
+        content = reply.content
+        metrics = content["metrics"]
+        num = int(metrics["num-examples"])
+        pieces = []
+        for key, owner in (("personal", pid), ("exchange", self.partner[pid])):
+            state = content[key].to_torch_state_dict()
+            check_state(self.models[owner].arch, state, self.models[owner].model.state_dict())
+            pieces.append(Contribution(owner, pid, state, num))
+        return pieces, bool(metrics["adopted"]), float(metrics["train-loss"])
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if server_round % self.config.eval_every and server_round != self.config.num_rounds:
+            return []
+        return [
+            Message(
+                content=RecordDict({
+                    "config": config_record(self.config),
+                    "model": ConfigRecord({"arch": model.arch}),
+                    "arrays": ArrayRecord(model.model.state_dict()),
+                }),
+                message_type=MessageType.EVALUATE,
+                dst_node_id=self.node_of[pid],
+            )
+            for pid, model in sorted(self.models.items())
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        accuracies = per_client(replies, "test-accuracy")
+        fields = dict(self.round_info)
+        if accuracies:
+            values = list(accuracies.values())
+            fields.update(accuracy=float(np.mean(values)), **{"accuracy-sd": float(np.std(values))},
+                          **{"client-accuracy": {str(p): a for p, a in accuracies.items()}})
+        self.on_round(server_round, **fields)
+        if not accuracies:
+            return None
+        return MetricRecord({"accuracy": fields["accuracy"]})
+
+    def summary(self) -> None:
+        log.info("FedMe: %d clients, K schedule %s, clustering on %s",
+                 len(self.models), self.config.cluster_schedule_pairs(), self.config.cluster_on)
+
+    def final_models(self) -> dict[int, tuple[str, ArrayRecord]]:
+        return {p: (m.arch, ArrayRecord(m.model.state_dict())) for p, m in self.models.items()}
+
+
+def per_client(replies: Iterable[Message], key: str) -> dict[int, float]:
+    """``{partition id: metric}`` from the replies that carry it (errors are skipped)."""
+    values = {}
+    for reply in replies:
+        if reply.has_error():
+            log.warning("evaluation error from node %s: %s", reply.metadata.src_node_id,
+                        reply.error.reason)
+            continue
+        metrics = reply.content["metrics"]
+        if key in metrics:
+            values[int(metrics["partition-id"])] = float(metrics[key])
+    return values
