@@ -10,6 +10,7 @@ import hashlib
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
 from fedapps import training
 from fedapps.config import RunConfig
@@ -181,3 +182,22 @@ def _arch_of(msg: Message, config: RunConfig) -> str:
     if "model" in msg.content.config_records:
         return str(msg.content["model"]["arch"])
     return config.model
+
+
+HANDLERS = {
+    ("query", ""): describe,
+    ("train", ""): train_global,
+    ("train", "mutual"): train_mutual,
+    ("train", "local"): train_local,
+    ("evaluate", ""): evaluate,
+    ("evaluate", "finetune"): finetune,
+}
+
+
+def build_client_app() -> ClientApp:
+    """The ClientApp with one handler per message type (``client_app.py`` exposes it)."""
+    app = ClientApp()
+    for (kind, action), handler in HANDLERS.items():
+        register = getattr(app, kind)
+        (register(action) if action else register())(handler)
+    return app

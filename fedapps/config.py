@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("fedme", "fedavg", "local")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 INIT_ARCH_MODES = ("local-best", "random")
 CLUSTER_INPUTS = ("softmax", "logits")
@@ -133,10 +132,12 @@ class RunConfig:
 
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
-        from fedapps.data.registry import DATASETS  # local import: data imports config
+        # Registries are imported here because they import this module.
+        from fedapps.data.registry import DATASETS
         from fedapps.models import MODELS
+        from fedapps.server import METHODS
 
-        _one_of("method", self.method, METHODS)
+        _one_of("method", self.method, tuple(METHODS))
         _one_of("dataset", self.dataset, tuple(DATASETS))
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("cluster-on", self.cluster_on, CLUSTER_INPUTS)

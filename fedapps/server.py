@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +45,13 @@ def run(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None
     print(f"fedapps: {config.method} on {config.dataset}, {partition.num_clients} clients, "
           f"{config.num_rounds} rounds; results in {recorder.folder}", flush=True)
     clients = discover_clients(grid, config, partition.num_clients)
-    if config.method == "fedme":
-        final = run_fedme(grid, config, clients, recorder)
-    elif config.method == "fedavg":
-        final = run_fedavg(grid, config, clients, recorder)
-    else:
-        final = None
-    accuracies = finetune_clients(grid, config, clients, final)
-    sizes = {pid: info["num-test"] for pid, info in accuracies.items()}
-    summary = {
-        "num-clients": partition.num_clients,
-        "rounds": config.num_rounds,
-        "before-finetune": client_summary({p: a["before"] for p, a in accuracies.items()}, sizes),
-        "after-finetune": client_summary({p: a["after"] for p, a in accuracies.items()}, sizes),
-        "clients": {str(p): a for p, a in sorted(accuracies.items())},
-    }
-    if final is not None and config.method == "fedme":
-        summary["architectures"] = {str(p): arch for p, (arch, _) in sorted(final.items())}
+    summary = {"num-clients": partition.num_clients, "rounds": config.num_rounds,
+               **METHODS[config.method](grid, config, clients, recorder)}
     recorder.write_summary(summary)
-    after = summary["after-finetune"]
-    print(f"fedapps: done in {recorder.elapsed():.1f}s; accuracy {after['mean']:.4f} ± "
-          f"{after['sd']:.4f} over clients; results in {recorder.folder}", flush=True)
+    after = summary.get("after-finetune", {})
+    print(f"fedapps: done in {recorder.elapsed():.1f}s; accuracy {after.get('mean', float('nan')):.4f}"
+          f" ± {after.get('sd', float('nan')):.4f} over clients; results in {recorder.folder}",
+          flush=True)
     return recorder.folder
 
 
@@ -123,7 +109,7 @@ def initial_architectures(config: RunConfig, clients: Mapping[int, Mapping[str, 
     return dict(zip(pids, names))
 
 
-def run_fedme(grid, config, clients, recorder) -> dict[int, tuple[str, ArrayRecord]]:
+def run_fedme(grid, config, clients, recorder) -> dict[str, Any]:
     archs = initial_architectures(config, clients)
     log.info("FedMe initial architectures: %s", archs)
     strategy = FedMe(
@@ -135,10 +121,14 @@ def run_fedme(grid, config, clients, recorder) -> dict[int, tuple[str, ArrayReco
         on_round=recorder.log_round,
     )
     strategy.start(grid, ArrayRecord(), num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S)
-    return strategy.final_models()
+    final = strategy.final_models()
+    return {
+        **finetune_summary(finetune_clients(grid, config, clients, final)),
+        "architectures": {str(p): arch for p, (arch, _) in sorted(final.items())},
+    }
 
 
-def run_fedavg(grid, config, clients, recorder) -> dict[int, tuple[str, ArrayRecord]]:
+def run_fedavg(grid, config, clients, recorder) -> dict[str, Any]:
     count = len(clients)
     strategy = RecordedFedAvg(
         on_round=recorder.log_round,
@@ -152,7 +142,13 @@ def run_fedavg(grid, config, clients, recorder) -> dict[int, tuple[str, ArrayRec
         grid, initial, num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S,
         train_config=config_record(config), evaluate_config=config_record(config),
     )
-    return dict.fromkeys(clients, (config.model, result.arrays))
+    final = dict.fromkeys(clients, (config.model, result.arrays))
+    return finetune_summary(finetune_clients(grid, config, clients, final))
+
+
+def run_local(grid, config, clients, recorder) -> dict[str, Any]:
+    """Local-only baseline: each client trains alone (early stopping on its validation split)."""
+    return finetune_summary(finetune_clients(grid, config, clients, None))
 
 
 def finetune_clients(grid, config, clients, final) -> dict[int, dict[str, float]]:
@@ -177,3 +173,23 @@ def finetune_clients(grid, config, clients, final) -> dict[int, dict[str, float]
         pid: {"before": before[pid], "after": after[pid], "num-test": int(tested[pid])}
         for pid in sorted(after)
     }
+
+
+def finetune_summary(accuracies: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+    """Mean/SD over clients before and after fine-tuning, plus each client's figures."""
+    sizes = {pid: int(a["num-test"]) for pid, a in accuracies.items()}
+    return {
+        "before-finetune": client_summary({p: a["before"] for p, a in accuracies.items()}, sizes),
+        "after-finetune": client_summary({p: a["after"] for p, a in accuracies.items()}, sizes),
+        "clients": {str(p): dict(a) for p, a in sorted(accuracies.items())},
+    }
+
+
+MethodRunner = Callable[[Grid, RunConfig, dict[int, dict[str, Any]], RunRecorder], dict[str, Any]]
+
+# Every method a run can name (config key ``method``): one runner each, returning summary fields.
+METHODS: dict[str, MethodRunner] = {
+    "fedme": run_fedme,
+    "fedavg": run_fedavg,
+    "local": run_local,
+}
