@@ -239,10 +239,11 @@ class FedMe(Strategy):
         merged = aggregate_models(usable, self.config.aggregation_weighting)
         for owner, state in merged.items():
             self.models[owner].model.load_state_dict(state)
+        aggregated = dict(self.models)  # adoptions copy these, not models replaced meanwhile
         for pid, adopt in adopted.items():
             source = self.partner[pid]
             if adopt and source in merged:
-                chosen = self.models[source]
+                chosen = aggregated[source]
                 model = new_model(chosen.arch, self.config)
                 model.load_state_dict(chosen.model.state_dict())
                 self.models[pid] = ClientModel(chosen.arch, model, self.models[pid].num_examples)
