@@ -19,6 +19,7 @@ INIT_ARCH_MODES = ("local-best", "random")
 CLUSTER_INPUTS = ("softmax", "logits")
 WEIGHTINGS = ("uniform", "samples")
 DEVICES = ("auto", "cpu", "cuda")
+DISTILL_MODES = ("per-round", "continuous")
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,19 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     results_dir: str = "results"
+    # asynchronous distillation (fedapps/distill; docs/async-distill.md). ``model`` is the small
+    # distilled model the clients train, ``global-model`` the large one only the server holds.
+    global_model: str = "cnn-large"
+    distill_mode: str = "continuous"  # per-round | continuous (async-distill only)
+    distill_epochs: int = 1  # epochs over the unlabeled pool per distillation pass
+    distill_temperature: float = 2.0
+    distill_lr: float = 0.01
+    distill_delay: float = 0.0  # extra seconds per pass: simulates a slow distillation server
+    forward_distill_every: int = 0  # 0: never; sync: every N rounds; async: every N passes
+    channel_backend: str = "directory"
+    channel_dir: str = ""  # empty: <results folder>/channel (async-distill only)
+    channel_timeout: float = 300.0  # seconds a server waits for the other before giving up
+    target_accuracy: float = 0.9  # summary: first time the global model reaches it
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -183,6 +197,30 @@ class RunConfig:
         if self.partition_file and not Path(self.partition_file).is_file():
             raise ConfigError(f"partition-file='{self.partition_file}': no such file")
         self.cluster_schedule_pairs()
+        self._validate_distillation(tuple(MODELS))
+
+    def _validate_distillation(self, models: tuple[str, ...]) -> None:
+        """Keys of the asynchronous distillation methods (checked for every run: cheap)."""
+        from fedapps.distill.channel import CHANNELS
+
+        _one_of("global-model", self.global_model, models)
+        _one_of("distill-mode", self.distill_mode, DISTILL_MODES)
+        _one_of("channel-backend", self.channel_backend, tuple(CHANNELS))
+        for key in ("distill-temperature", "distill-lr", "channel-timeout"):
+            value = getattr(self, key.replace("-", "_"))
+            if not value > 0:
+                raise ConfigError(f"{key}={value}: must be > 0")
+        for key in ("distill-epochs", "forward-distill-every", "distill-delay"):
+            value = getattr(self, key.replace("-", "_"))
+            if value < 0:
+                raise ConfigError(f"{key}={value}: must be >= 0")
+        if not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"target-accuracy={self.target_accuracy}: must be in (0, 1]")
+        if self.method in ("async-averaging", "async-distillation") and not self.channel_dir:
+            raise ConfigError(
+                f"method='{self.method}' runs one half of async-distill and needs channel-dir: "
+                "the folder (on storage both servers can reach) the two halves share"
+            )
 
     def _validate_init_arch(self, models: tuple[str, ...]) -> None:
         if self.init_arch in INIT_ARCH_MODES:

@@ -19,6 +19,12 @@ from flwr.serverapp import Grid
 
 from fedapps.config import RunConfig
 from fedapps.data import dataset_for, partition_for, save_partition, unlabeled_inputs
+from fedapps.distill.averaging import (
+    run_async_averaging,
+    run_async_distill,
+    run_async_distillation,
+)
+from fedapps.distill.sync import run_sync_distill
 from fedapps.messages import config_record, new_model
 from fedapps.results import RunRecorder, client_summary
 from fedapps.strategies.fedavg import RecordedFedAvg
@@ -192,4 +198,8 @@ METHODS: dict[str, MethodRunner] = {
     "fedme": run_fedme,
     "fedavg": run_fedavg,
     "local": run_local,
+    "async-distill": run_async_distill,
+    "async-averaging": run_async_averaging,
+    "async-distillation": run_async_distillation,
+    "sync-distill": run_sync_distill,
 }

@@ -1,0 +1,171 @@
+"""The averaging server: FedAvg with the clients on the small distilled model, never waiting.
+
+It only talks to the distillation server through the channel: it starts from the ``forward``
+model (the distillation server's initial distilled model), publishes every averaged model to
+``distilled`` (version = round), adopts a newer ``forward`` model between rounds when the
+distillation server offers one (accuracy recovery, ``forward-distill-every``), and finally
+publishes ``stop``. Reading the channel never blocks a round: it only looks at what is there.
+
+Method runners (``fedapps.server.METHODS``):
+
+- ``async-distill``: the whole scheme in one run; the distillation server is a separate OS
+  process (``python -m fedapps.distill.distillation``), so its compute never stalls this loop;
+- ``async-averaging`` / ``async-distillation``: the two halves as two runs (or machines) sharing
+  ``channel-dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedapps.config import RunConfig
+from fedapps.distill.channel import ChannelTimeout, ModelChannel, open_channel
+from fedapps.distill.distillation import GLOBAL_LOG, GlobalLog, global_summary, read_log, serve
+from fedapps.messages import config_record, from_arrays, to_arrays
+from fedapps.results import RunRecorder
+
+REPLY_TIMEOUT_S = 3600.0
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+BeforeRound = Callable[[int, ArrayRecord], ArrayRecord]
+AfterRound = Callable[[int, ArrayRecord, MetricRecord | None], None]
+
+
+class HookedFedAvg(FedAvg):
+    """Flower's FedAvg with a hook before each round (may swap the model sent to clients) and
+    one after aggregation; the sync and async schemes differ only in these hooks.
+
+    ``offset`` shifts the round numbers the clients see (a resumed run keeps counting).
+    """
+
+    def __init__(self, before: BeforeRound, after: AfterRound, offset: int = 0, **kwargs) -> None:
+        super().__init__(fraction_evaluate=0.0, **kwargs)
+        self.before, self.after, self.offset = before, after, offset
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        server_round += self.offset
+        return super().configure_train(server_round, self.before(server_round, arrays),
+                                       config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            raise RuntimeError(f"round {server_round + self.offset}: no client sent a model")
+        self.after(server_round + self.offset, arrays, metrics)
+        return arrays, metrics
+
+
+def run_rounds(
+    grid: Grid, config: RunConfig, clients: dict, initial: ArrayRecord, rounds: int,
+    before: BeforeRound, after: AfterRound, offset: int = 0,
+) -> None:
+    """``rounds`` FedAvg rounds of ``config.model`` over all clients (no client evaluation)."""
+    count = len(clients)
+    strategy = HookedFedAvg(before, after, offset, min_train_nodes=count,
+                            min_available_nodes=count)
+    strategy.start(grid, initial, num_rounds=rounds, timeout=REPLY_TIMEOUT_S,
+                   train_config=config_record(config))
+
+
+def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,
+            channel: ModelChannel) -> dict[str, Any]:
+    """The averaging server's loop; resumes after the newest ``distilled`` version if any."""
+    resumed = channel.latest("distilled")
+    if resumed is None:
+        start = channel.wait("forward", timeout=config.channel_timeout)
+        offset, adopted = 0, start.version
+    else:
+        start, offset, adopted = resumed, resumed.version, channel.latest_version("forward")
+    initial = to_arrays(from_arrays(config.model, ArrayRecord(start.state), config))
+    adoptions = 0
+
+    def adopt_forward(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        nonlocal adopted, adoptions
+        if channel.latest_version("forward") <= adopted:
+            return arrays
+        entry = channel.latest("forward")
+        adopted, adoptions = entry.version, adoptions + 1
+        print(f"[round {server_round}] adopting forward-distilled model {entry.version} "
+              f"(from averaged version {entry.meta.get('based-on')})", flush=True)
+        return to_arrays(from_arrays(config.model, ArrayRecord(entry.state), config))
+
+    def publish(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> None:
+        channel.publish("distilled", arrays.to_torch_state_dict(), {"round": server_round},
+                        version=server_round)
+        fields = {"train-loss": float(metrics["train-loss"])} if metrics else {}
+        recorder.log_round(server_round, **fields, adoptions=adoptions)
+
+    rounds = max(0, config.num_rounds - offset)
+    run_rounds(grid, config, clients, initial, rounds, adopt_forward, publish, offset)
+    if channel.latest_version("stop") < config.num_rounds:
+        channel.publish("stop", {}, {"final-version": config.num_rounds},
+                        version=config.num_rounds)
+    return {"averaging-rounds": rounds, "averaging-time-s": round(recorder.elapsed(), 2),
+            "adoptions": adoptions}
+
+
+def run_async_distill(grid, config, clients, recorder) -> dict[str, Any]:
+    """Both servers in one run: averaging here, distillation in a child process."""
+    channel_dir = config.channel_dir or str(recorder.folder / "channel")
+    channel = open_channel(config.channel_backend, channel_dir)
+    log_path = recorder.folder / GLOBAL_LOG
+    command = [sys.executable, "-m", "fedapps.distill.distillation",
+               str(recorder.folder / "config.json"), "--set", f"channel-dir={channel_dir}",
+               "--log", str(log_path), "--t0", repr(time.time() - recorder.elapsed())]
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
+                                                       os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(command, env=env)
+    try:
+        _wait_for_start(channel, process, config.channel_timeout)
+        summary = average(grid, config, clients, recorder, channel)
+        code = process.wait(timeout=config.channel_timeout)
+        if code != 0:
+            raise RuntimeError(f"the distillation server exited with code {code}; see its log")
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+    return {**summary, **global_summary(read_log(log_path), config.target_accuracy)}
+
+
+def _wait_for_start(channel: ModelChannel, process: subprocess.Popen, timeout: float) -> None:
+    """Wait for the initial model, failing fast if the distillation process died instead."""
+    deadline = time.monotonic() + timeout
+    while channel.latest_version("forward") < 0:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the distillation server exited with code {process.returncode} before "
+                "publishing the initial model; see its log above"
+            )
+        if time.monotonic() > deadline:
+            raise ChannelTimeout(f"no initial model from the distillation server in {timeout}s")
+        time.sleep(0.05)
+
+
+def run_async_averaging(grid, config, clients, recorder) -> dict[str, Any]:
+    """Deployment half 1: the averaging server only (pair it with async-distillation)."""
+    return average(grid, config, clients, recorder,
+                   open_channel(config.channel_backend, config.channel_dir))
+
+
+def run_async_distillation(grid, config, clients, recorder) -> dict[str, Any]:
+    """Deployment half 2: the distillation server as a Flower run (it uses no clients)."""
+    log_path = recorder.folder / GLOBAL_LOG
+    channel = open_channel(config.channel_backend, config.channel_dir)
+    result = serve(config, channel, GlobalLog(log_path, time.time() - recorder.elapsed()))
+    return {**result, **global_summary(read_log(log_path), config.target_accuracy)}
