@@ -17,7 +17,11 @@ InputShape = tuple[int, ...]
 
 
 class ConvNet(nn.Module):
-    """3x3 conv + ReLU blocks, 2x2 max-pooling while the map is at least 8 pixels wide."""
+    """3x3 conv + ReLU blocks; 2x2 max-pooling after the first convs while the map is >= 8 wide.
+
+    The map is then pooled to a size fixed by the input (a quarter of its width), so the
+    classifier's input does not shrink with depth and deeper models are strictly larger.
+    """
 
     def __init__(
         self,
@@ -37,10 +41,12 @@ class ConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 height, width, pools = height // 2, width // 2, pools + 1
             in_channels = out_channels
+        side = max(1, min(input_shape[1:]) // 4)
+        layers.append(nn.AdaptiveMaxPool2d(side))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(in_channels * height * width, hidden),
+            nn.Linear(in_channels * side * side, hidden),
             nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )

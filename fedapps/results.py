@@ -58,9 +58,11 @@ class RunRecorder:
 
 def progress_line(row: Mapping[str, Any], num_rounds: int) -> str:
     parts = [f"[round {row['round']}/{num_rounds}]", f"t={row['time']:.1f}s"]
-    for key in ("train-loss", "accuracy", "accuracy-sd", "k", "adoptions"):
+    for key in ("train-loss", "accuracy", "accuracy-sd", "k", "adoptions", "replies"):
         value = row.get(key)
-        if isinstance(value, float):
+        if isinstance(value, dict):
+            parts.append(f"{key}={len(value)}")
+        elif isinstance(value, float):
             parts.append(f"{key}={value:.4f}")
         elif value is not None:
             parts.append(f"{key}={value}")

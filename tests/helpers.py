@@ -1,0 +1,29 @@
+"""Building Flower messages and contexts outside a run, for handler and strategy tests."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+
+def message(content: RecordDict, message_type: str, node: int = 1) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    return Message(content=content, message_type=message_type, dst_node_id=node)
+
+
+def context(partition_id: int, num_partitions: int) -> Context:
+    node_config = {"partition-id": partition_id, "num-partitions": num_partitions}
+    return Context(run_id=1, node_id=partition_id, node_config=node_config,
+                   state=RecordDict(), run_config={})
+
+
+def reply_from(node: int, content: RecordDict, error: str | None = None) -> SimpleNamespace:
+    """What a strategy reads from a reply: sender, content, error."""
+    return SimpleNamespace(
+        metadata=SimpleNamespace(src_node_id=node),
+        content=content,
+        has_error=lambda: error is not None,
+        error=SimpleNamespace(reason=error),
+    )

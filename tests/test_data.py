@@ -1,0 +1,156 @@
+import json
+
+import numpy as np
+import pytest
+
+from fedapps.config import RunConfig
+from fedapps.data import (
+    DataError,
+    client_data,
+    load_dataset,
+    load_partition,
+    make_partition,
+    save_partition,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def all_indices(partition):
+    parts = [partition.unlabeled]
+    for client in partition.clients:
+        parts += [client.train, client.val, client.test]
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_sizes_add_up_and_no_sample_is_used_twice(digits, partitioner):
+    partition = make_partition(digits, num_clients=8, partitioner=partitioner, seed=1)
+    used = all_indices(partition)
+    assert len(used) == len(digits)  # everything is used exactly once
+    assert len(np.unique(used)) == len(used)
+    assert len(partition.unlabeled) == int(0.15 * len(digits))
+    unlabeled = set(partition.unlabeled.tolist())
+    assert all(not unlabeled & set(c.train.tolist() + c.val.tolist() + c.test.tolist())
+               for c in partition.clients)
+
+
+def test_same_seed_same_split_other_seed_other_split(digits):
+    first = make_partition(digits, num_clients=5, seed=3)
+    again = make_partition(digits, num_clients=5, seed=3)
+    other = make_partition(digits, num_clients=5, seed=4)
+    assert np.array_equal(all_indices(first), all_indices(again))
+    assert not np.array_equal(all_indices(first), all_indices(other))
+
+
+def label_entropy(dataset, partition) -> float:
+    entropies = []
+    for client in partition.clients:
+        labels = dataset.y[np.concatenate([client.train, client.val, client.test])]
+        p = np.bincount(labels, minlength=10) / len(labels)
+        p = p[p > 0]
+        entropies.append(-(p * np.log(p)).sum())
+    return float(np.mean(entropies))
+
+
+def test_smaller_alpha_label_gives_more_label_skew(digits):
+    skewed = make_partition(digits, num_clients=10, alpha_label=0.1, seed=0)
+    mixed = make_partition(digits, num_clients=10, alpha_label=100.0, seed=0)
+    assert label_entropy(digits, skewed) < label_entropy(digits, mixed) - 0.5
+
+
+def test_smaller_alpha_size_gives_more_unequal_sizes(digits):
+    def spread(alpha):
+        sizes = [c.size for c in make_partition(
+            digits, num_clients=10, alpha_size=alpha, min_client_samples=0, seed=0).clients]
+        return np.std(sizes)
+
+    assert spread(0.5) > spread(100.0)
+
+
+def test_too_few_samples_names_the_client(digits):
+    with pytest.raises(DataError, match=r"client \d+ got \d+ samples, fewer than min-client-samples=50"):
+        make_partition(digits, num_clients=40, alpha_size=0.3, min_client_samples=50, seed=0)
+
+
+def test_more_clients_than_samples(digits):
+    with pytest.raises(DataError, match="num-clients=5000 is more than the"):
+        make_partition(digits, num_clients=5000)
+
+
+def test_natural_partition_uses_ids(npz_images):
+    dataset = load_dataset("npz", str(npz_images))
+    partition = make_partition(dataset, num_clients=4, partitioner="natural", unlabeled_size=12,
+                               min_client_samples=1, seed=0)
+    for client in partition.clients:
+        members = np.concatenate([client.train, client.val, client.test])
+        assert len(np.unique(dataset.groups[members])) == 1
+
+
+def test_natural_partition_needs_ids(digits):
+    with pytest.raises(DataError, match="'digits' has none"):
+        make_partition(digits, num_clients=3, partitioner="natural")
+
+
+def test_npz_loader_shapes(npz_images):
+    dataset = load_dataset("npz", str(npz_images))
+    assert dataset.input_shape == (1, 6, 6) and dataset.num_classes == 3
+
+
+def test_npz_loader_rejects_malformed(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((4, 3, 3)), labels=np.zeros(4))
+    with pytest.raises(DataError, match=r"missing array\(s\) \['y'\]"):
+        load_dataset("npz", str(path))
+    np.savez(path, x=np.zeros((4, 3, 3)), y=np.zeros(5, dtype=int))
+    with pytest.raises(DataError, match="x has 4 samples but y has 5"):
+        load_dataset("npz", str(path))
+
+
+def test_client_data_tensors_follow_partition():
+    config = RunConfig(num_clients=4)
+    data = client_data(config, 2)
+    assert data.train.x.shape[1:] == (1, 8, 8)
+    assert len(data.train) > len(data.test) > 0
+    with pytest.raises(DataError, match="partition-id=7 but the partition has 4 clients"):
+        client_data(config, 7)
+
+
+# ------------------------------------------------------------------ partition files
+
+
+def test_partition_file_round_trip(digits, tmp_path):
+    partition = make_partition(digits, num_clients=5, seed=2)
+    path = save_partition(partition, digits, tmp_path / "split.json")
+    loaded = load_partition(path, digits)
+    assert np.array_equal(all_indices(partition), all_indices(loaded))
+    content = json.loads(path.read_text())
+    assert set(content["clients"][0]) == {"train", "val", "test"}
+    assert content["index-space"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["clients"][1]["train"].append(99999), "index 99999, out of range"),
+        (lambda c: c["clients"][1]["train"].append(c["clients"][0]["test"][0]),
+         "is used twice, in client 0 test and in client 1 train"),
+        (lambda c: c["clients"][0]["val"].append(c["unlabeled"][0]),
+         "used twice, in the unlabeled pool and in client 0 val"),
+        (lambda c: c["clients"][0]["train"].append(c["clients"][0]["train"][0]),
+         "used twice, in client 0 train and in client 0 train"),
+        (lambda c: c["clients"][2].update(train=[]), "client 2 has an empty train split"),
+        (lambda c: c.update({"num-samples": 10}), "was made for 10 samples"),
+    ],
+)
+def test_partition_file_errors_name_client_and_index(digits, tmp_path, edit, message):
+    content = make_partition(digits, num_clients=3, seed=0).to_json_dict(digits)
+    edit(content)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError) as error:
+        load_partition(path, digits)
+    assert message in str(error.value)
