@@ -52,3 +52,13 @@ def test_flwr_run_writes_results(tmp_path):
     assert code == 0
     (folder,) = (tmp_path / "results").iterdir()
     assert summary_of(folder)["after-finetune"]["mean"] > 0.3
+
+
+def test_exported_partition_reproduces_the_run(tmp_path):
+    settings = {"method": "fedavg", "num-clients": 3, "num-rounds": 1, "model": "cnn1", "seed": 5,
+                "alpha-label": 0.3}
+    first = simulate(settings)
+    again = simulate({**settings, "partitioner": "iid", "alpha-label": 2.0,
+                      "partition-file": str(first / "partition.json")})
+    assert (again / "partition.json").read_text() == (first / "partition.json").read_text()
+    assert read_rounds(again)[0]["client-accuracy"] == read_rounds(first)[0]["client-accuracy"]
