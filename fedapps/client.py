@@ -196,8 +196,10 @@ HANDLERS = {
 
 def build_client_app() -> ClientApp:
     """The ClientApp with one handler per message type (``client_app.py`` exposes it)."""
+    from fedapps.baselines_client import HANDLERS as BASELINES  # it imports this module
+
     app = ClientApp()
-    for (kind, action), handler in HANDLERS.items():
+    for (kind, action), handler in {**HANDLERS, **BASELINES}.items():
         register = getattr(app, kind)
         (register(action) if action else register())(handler)
     return app

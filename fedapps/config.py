@@ -77,6 +77,15 @@ class RunConfig:
     channel_dir: str = ""  # empty: <results folder>/channel (async-distill only)
     channel_timeout: float = 300.0  # seconds a server waits for the other before giving up
     target_accuracy: float = 0.9  # summary: first time the global model reaches it
+    # baselines (fedapps/strategies/{hypcluster,fml,pfedme,mapper}.py; docs/comparison.md)
+    hypcluster_k: int = 2  # number of global models (the FedMe paper's value)
+    fml_alpha: float = 0.5  # FML: CE weight of the private model's loss (KL gets 1 - alpha)
+    fml_beta: float = 0.5  # FML: CE weight of the shared (meme) model's loss
+    pfedme_lambda: float = 15.0  # pFedMe: strength of the Moreau-envelope proximal term
+    pfedme_inner_steps: int = 5  # pFedMe: gradient steps on theta per minibatch (K)
+    pfedme_personal_lr: float = 0.05  # pFedMe: learning rate of those steps
+    pfedme_beta: float = 1.0  # pFedMe: server mixing, w <- (1 - beta) w + beta avg(w_i)
+    mapper_lambda_init: float = 0.5  # MAPPER: initial weight of the local parameters
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -198,6 +207,7 @@ class RunConfig:
             raise ConfigError(f"partition-file='{self.partition_file}': no such file")
         self.cluster_schedule_pairs()
         self._validate_distillation(tuple(MODELS))
+        self._validate_baselines()
 
     def _validate_distillation(self, models: tuple[str, ...]) -> None:
         """Keys of the asynchronous distillation methods (checked for every run: cheap)."""
@@ -220,6 +230,26 @@ class RunConfig:
             raise ConfigError(
                 f"method='{self.method}' runs one half of async-distill and needs channel-dir: "
                 "the folder (on storage both servers can reach) the two halves share"
+            )
+
+    def _validate_baselines(self) -> None:
+        """Keys of the paper's baselines (HypCluster, FML, pFedMe, MAPPER)."""
+        for key in ("hypcluster-k", "pfedme-inner-steps"):
+            value = getattr(self, key.replace("-", "_"))
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be >= 1")
+        for key in ("pfedme-lambda", "pfedme-personal-lr", "pfedme-beta"):
+            value = getattr(self, key.replace("-", "_"))
+            if not value > 0:
+                raise ConfigError(f"{key}={value}: must be > 0")
+        for key in ("fml-alpha", "fml-beta"):
+            value = getattr(self, key.replace("-", "_"))
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{key}={value}: must be in [0, 1]")
+        if not 0 < self.mapper_lambda_init < 1:
+            raise ConfigError(
+                f"mapper-lambda-init={self.mapper_lambda_init}: must be in (0, 1) (the mixing "
+                "weight is learned through a sigmoid, which never reaches 0 or 1)"
             )
 
     def _validate_init_arch(self, models: tuple[str, ...]) -> None:

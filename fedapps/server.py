@@ -28,7 +28,12 @@ from fedapps.distill.sync import run_sync_distill
 from fedapps.messages import config_record, new_model
 from fedapps.results import RunRecorder, client_summary
 from fedapps.strategies.fedavg import RecordedFedAvg
+from fedapps.strategies.centralized import run_centralized
 from fedapps.strategies.fedme import FedMe, per_client
+from fedapps.strategies.fml import run_fml
+from fedapps.strategies.hypcluster import run_hypcluster
+from fedapps.strategies.mapper import run_mapper
+from fedapps.strategies.pfedme import run_pfedme
 
 log = logging.getLogger(__name__)
 
@@ -202,4 +207,10 @@ METHODS: dict[str, MethodRunner] = {
     "async-averaging": run_async_averaging,
     "async-distillation": run_async_distillation,
     "sync-distill": run_sync_distill,
+    # the FedMe paper's other baselines (docs/comparison.md)
+    "hypcluster": run_hypcluster,
+    "fml": run_fml,
+    "pfedme": run_pfedme,
+    "mapper": run_mapper,
+    "centralized": run_centralized,
 }

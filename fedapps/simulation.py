@@ -30,11 +30,16 @@ def simulate(
 
     values = {**app_defaults(), **(overrides or {})}
     produced: list[Path] = []
+    failures: list[BaseException] = []  # Flower only logs a ServerApp's exception
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        produced.append(server.run(grid, context, values))
+        try:
+            produced.append(server.run(grid, context, values))
+        except BaseException as error:
+            failures.append(error)
+            raise
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -45,6 +50,8 @@ def simulate(
             backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}},
             verbose_logging=verbose,
         )
+    if failures:
+        raise failures[0]
     if not produced:
         raise RuntimeError("the simulation ended without results; see the log above")
     return produced[0]
