@@ -149,9 +149,6 @@ class Comparison:
 
     def save(self, folder: str | Path) -> dict[str, Path]:
         """Write table.md, table.csv, curves.csv, runs.json and accuracy_by_round.png."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         folder = Path(folder)

@@ -1,0 +1,64 @@
+"""fedapps.compare: one row per method, a failing method does not lose the others; the notebook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedapps import server
+from fedapps.compare import compare
+from fedapps.config import ConfigError
+
+NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "compare_strategies.ipynb"
+
+
+def test_bad_specs_fail_before_any_run(tmp_path):
+    with pytest.raises(ConfigError, match="method"):
+        compare(["fedavg", "no-such-method"], results_dir=tmp_path)
+    with pytest.raises(ConfigError, match="num-rounds"):
+        compare(["fedavg"], num_rounds=0, results_dir=tmp_path)
+    with pytest.raises(ValueError, match="unique"):
+        compare(["fedavg", ("fedavg", {})], results_dir=tmp_path)
+    with pytest.raises(TypeError):
+        compare("fedavg", results_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_one_row_per_method_and_a_failure_is_reported(tmp_path, monkeypatch):
+    def broken(grid, config, clients, recorder):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(server.METHODS, "local", broken)
+    lines = []
+    result = compare(["fedavg", "local"], "digits", [0], num_clients=3, num_rounds=2,
+                     results_dir=tmp_path / "runs", progress=lines.append)
+    table = result.table
+    assert list(table["method"]) == ["fedavg", "local"]
+    ok, failed = table.to_dict("records")
+    assert ok["runs"] == "1/1" and not ok["error"] and ok["accuracy"] > 0
+    assert failed["runs"] == "0/1" and "boom" in failed["error"]
+    assert len(lines) == 2 and "FAILED" in lines[1]
+    assert set(result.curves["method"]) == {"fedavg"}
+    assert "| fedavg |" in result.to_markdown()
+    saved = result.save(tmp_path / "out")
+    for name in ("table.md", "table.csv", "accuracy_by_round.png"):
+        assert saved[name].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_notebook_runs(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("FEDAPPS_NOTEBOOK_SETTINGS", json.dumps({
+        "methods": ["fedavg", ["fedme-cnn1", {"method": "fedme", "init-arch": "cnn1"}]],
+        "seeds": [0], "num_clients": 3, "num_rounds": 2,
+        "results_dir": str(tmp_path / "runs"),
+    }))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent.parent)}}).execute()
+    assert (tmp_path / "runs" / "summary" / "table.md").exists()
