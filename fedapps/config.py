@@ -72,6 +72,7 @@ class RunConfig:
     distill_temperature: float = 2.0
     distill_lr: float = 0.01
     distill_delay: float = 0.0  # extra seconds per pass: simulates a slow distillation server
+    distill_threads: int = 1  # torch threads of the distillation server; 0: torch's default
     forward_distill_every: int = 0  # 0: never; sync: every N rounds; async: every N passes
     channel_backend: str = "directory"
     channel_dir: str = ""  # empty: <results folder>/channel (async-distill only)
@@ -220,7 +221,7 @@ class RunConfig:
             value = getattr(self, key.replace("-", "_"))
             if not value > 0:
                 raise ConfigError(f"{key}={value}: must be > 0")
-        for key in ("distill-epochs", "forward-distill-every", "distill-delay"):
+        for key in ("distill-epochs", "forward-distill-every", "distill-delay", "distill-threads"):
             value = getattr(self, key.replace("-", "_"))
             if value < 0:
                 raise ConfigError(f"{key}={value}: must be >= 0")

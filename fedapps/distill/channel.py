@@ -163,9 +163,8 @@ class DirectoryChannel:
 
     @staticmethod
     def _versions(folder: Path) -> list[int]:
-        return sorted(
-            int(match.group(1)) for name in os.listdir(folder) if (match := VERSION_FILE.match(name))
-        )
+        matches = (VERSION_FILE.match(name) for name in os.listdir(folder))
+        return sorted(int(match.group(1)) for match in matches if match)
 
     def _prune(self, folder: Path) -> None:
         for version in self._versions(folder)[: -self.keep]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
+from torch import nn
 
 from fedapps import training
 from fedapps.client import generator
@@ -50,13 +51,27 @@ def held_out_test(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([t.x for t in tests]), torch.cat([t.y for t in tests])
 
 
+def he_init(model: nn.Module) -> nn.Module:
+    """He-normal weights, zero biases for every conv/linear layer.
+
+    Why: with PyTorch's default init a deep plain ReLU stack such as cnn-large starts with
+    almost input-independent outputs, and a few hundred unlabeled samples per pass could not get
+    it moving (KL flat for 15+ passes on digits); with He init it follows the teacher at once.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return model
+
+
 class Distiller:
     """The global model with the data it is distilled on (U) and tested on (clients' tests)."""
 
     def __init__(self, config: RunConfig, global_state: State | None = None) -> None:
         self.config = config
         torch.manual_seed(config.seed + 1)  # not the small model's initial weights
-        self.model = new_model(config.global_model, config)
+        self.model = he_init(new_model(config.global_model, config))
         if global_state is not None:
             self.model = from_arrays(config.global_model, ArrayRecord(global_state), config)
         self.unlabeled = unlabeled_inputs(config)
@@ -66,8 +81,12 @@ class Distiller:
         self.optim = training.Optim(config.distill_lr, config.momentum, config.weight_decay,
                                     config.clip_norm, config.batch_size)
         self.device = training.resolve_device(config.device)
+        if config.distill_threads:
+            # One thread by default: in simulation the clients share the machine, and torch's
+            # one-thread-per-core default then oversubscribes it and stalls every pass.
+            torch.set_num_threads(config.distill_threads)
 
-    def small(self, state: State) -> torch.nn.Module:
+    def small(self, state: State) -> nn.Module:
         return from_arrays(self.config.model, ArrayRecord(state), self.config)
 
     def reverse(self, small_state: State, step: int) -> float:
