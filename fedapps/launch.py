@@ -66,15 +66,22 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
+    """Write resolved values as the TOML file ``flwr run --run-config`` takes."""
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def flwr_environment(home: Path) -> dict[str, str]:
+def flwr_environment(home: Path, connections: str = LOCAL_CONNECTION) -> dict[str, str]:
+    """Environment for Flower commands using ``home`` as FLWR_HOME, with ``connections``."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(LOCAL_CONNECTION)
+    (home / "config.toml").write_text(connections)
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home),
@@ -107,8 +114,7 @@ def launch(
 ) -> int:
     values = resolve(config_file, overrides or {})
     env = flwr_environment(home or PROJECT / ".flwr")
-    run_config = Path(env["FLWR_HOME"]) / "run-config.toml"
-    run_config.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    run_config = write_run_config(values, Path(env["FLWR_HOME"]) / "run-config.toml")
     federation = (
         f"num-supernodes={num_supernodes(values)} client-resources-num-cpus={num_cpus:g} "
         f"client-resources-num-gpus={num_gpus:g}"
