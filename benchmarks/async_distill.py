@@ -33,6 +33,7 @@ from fedapps.results import write_json  # noqa: E402
 from fedapps.simulation import simulate  # noqa: E402
 
 FORWARD_EVERY_OURS = 4
+CLIENT_CPUS = 2.0
 VARIANTS: dict[str, dict[str, Any]] = {
     "sync + forward": {"method": "sync-distill", "forward-distill-every": 1},
     "sync": {"method": "sync-distill", "forward-distill-every": 0},
@@ -48,7 +49,9 @@ BASELINE, FAST = "sync + forward", "async continuous"
 
 
 def run_variant(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    folder = simulate({**values, **changes})
+    # Ray gets 2 CPUs and each client asks for 2: clients take turns on one core, leaving the
+    # other to the distillation server (the paper's separate machines), in every variant.
+    folder = simulate({**values, **changes}, num_cpus=CLIENT_CPUS)
     rows = read_log(folder / GLOBAL_LOG)
     if not rows or rows[0]["version"] != 0:
         raise RuntimeError(f"{folder}: no initial global test in {GLOBAL_LOG}")

@@ -73,6 +73,7 @@ class RunConfig:
     distill_lr: float = 0.01
     distill_delay: float = 0.0  # extra seconds per pass: simulates a slow distillation server
     distill_threads: int = 1  # torch threads of the distillation server; 0: torch's default
+    final_passes: int = 1  # continuous mode: passes on the final model before stopping
     forward_distill_every: int = 0  # 0: never; sync: every N rounds; async: every N passes
     channel_backend: str = "directory"
     channel_dir: str = ""  # empty: <results folder>/channel (async-distill only)
@@ -221,6 +222,8 @@ class RunConfig:
             value = getattr(self, key.replace("-", "_"))
             if not value > 0:
                 raise ConfigError(f"{key}={value}: must be > 0")
+        if self.final_passes < 1:
+            raise ConfigError(f"final-passes={self.final_passes}: must be >= 1")
         for key in ("distill-epochs", "forward-distill-every", "distill-delay", "distill-threads"):
             value = getattr(self, key.replace("-", "_"))
             if value < 0:

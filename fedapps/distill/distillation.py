@@ -166,7 +166,7 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
     ``forward-distill-every`` passes a forward-distilled one) and ``global`` (a checkpoint per
     pass, from which a restarted server carries on). ``per-round`` distils once per new small
     model (the newest, when several arrived during a pass); ``continuous`` keeps distilling from
-    the newest it has instead of waiting.
+    the newest it has instead of waiting, and distils the final model ``final-passes`` times.
     """
     checkpoint = channel.latest("global")
     distiller = Distiller(config, checkpoint.state if checkpoint else None)
@@ -175,14 +175,15 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
         channel.publish("forward", initial_small_state(config), {"based-on": 0})
     log.log(0 if checkpoint is None else checkpoint.meta["distilled-version"],
             distiller.evaluate(), passes=passes)
-    small, have, last_news = None, -1, time.monotonic()
+    final_passes = config.final_passes if config.distill_mode == "continuous" else 1
+    small, have, on_have, last_news = None, -1, 0, time.monotonic()
     while True:
         if channel.latest_version("distilled") > have:
             entry = channel.latest("distilled")
-            small, have, last_news = entry.state, entry.version, time.monotonic()
+            small, have, on_have, last_news = entry.state, entry.version, 0, time.monotonic()
         else:
-            if small is not None and 0 <= channel.latest_version("stop") <= have:
-                break  # the final model has been distilled at least once
+            if on_have >= final_passes and 0 <= channel.latest_version("stop") <= have:
+                break  # the final model has been distilled (final-passes times if continuous)
             if time.monotonic() - last_news > config.channel_timeout:
                 raise ChannelTimeout(
                     f"no new distilled model for {config.channel_timeout:.0f}s (newest: "
@@ -191,7 +192,7 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
             if config.distill_mode == "per-round" or small is None:
                 time.sleep(0.05)
                 continue
-        passes += 1
+        passes, on_have = passes + 1, on_have + 1
         kl = distiller.reverse(small, passes)
         log.log(have, distiller.evaluate(), passes=passes, kl=round(kl, 5))
         channel.publish("global", distiller.state(), {"distilled-version": have}, version=passes)
