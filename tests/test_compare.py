@@ -27,21 +27,21 @@ def test_bad_specs_fail_before_any_run(tmp_path):
 
 @pytest.mark.slow
 def test_one_row_per_method_and_a_failure_is_reported(tmp_path, monkeypatch):
-    def broken(grid, config, clients, recorder):
+    def broken(grid, config, clients, recorder):  # runs in this process: the ServerApp thread
         raise RuntimeError("boom")
 
     monkeypatch.setitem(server.METHODS, "local", broken)
     lines = []
-    result = compare(["fedavg", "local"], "digits", [0], num_clients=3, num_rounds=2,
+    result = compare(["centralized", "local"], "digits", [0], num_clients=3, num_rounds=2,
                      results_dir=tmp_path / "runs", progress=lines.append)
     table = result.table
-    assert list(table["method"]) == ["fedavg", "local"]
+    assert list(table["method"]) == ["centralized", "local"]
     ok, failed = table.to_dict("records")
     assert ok["runs"] == "1/1" and not ok["error"] and ok["accuracy"] > 0
     assert failed["runs"] == "0/1" and "boom" in failed["error"]
     assert len(lines) == 2 and "FAILED" in lines[1]
-    assert set(result.curves["method"]) == {"fedavg"}
-    assert "| fedavg |" in result.to_markdown()
+    assert set(result.curves["method"]) == {"centralized"}
+    assert "| centralized |" in result.to_markdown()
     saved = result.save(tmp_path / "out")
     for name in ("table.md", "table.csv", "accuracy_by_round.png"):
         assert saved[name].stat().st_size > 0
@@ -53,7 +53,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("FEDAPPS_NOTEBOOK_SETTINGS", json.dumps({
-        "methods": ["fedavg", ["fedme-cnn1", {"method": "fedme", "init-arch": "cnn1"}]],
+        "methods": [["fedme-cnn1", {"method": "fedme", "init-arch": "cnn1"}]],
         "seeds": [0], "num_clients": 3, "num_rounds": 2,
         "results_dir": str(tmp_path / "runs"),
     }))
