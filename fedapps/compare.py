@@ -184,7 +184,7 @@ def compare(
     (``num_clients=20``). Every config is checked before the first run starts, so a typo fails
     at once; errors during a run are caught and shown in the table.
     """
-    if isinstance(methods, str | tuple) or not methods:
+    if isinstance(methods, str) or _is_pair(methods) or not methods:
         raise TypeError("methods must be a non-empty list of names or (label, overrides) pairs")
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")
@@ -220,11 +220,15 @@ def compare(
     return Comparison(labels, runs)
 
 
+def _is_pair(item: Any) -> bool:
+    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], Mapping))
+
+
 def _spec(item: MethodSpec) -> tuple[str, dict[str, Any]]:
     if isinstance(item, str):
         return item, {"method": item}
-    if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-            and isinstance(item[1], Mapping)):
+    if _is_pair(item):
         own = {key.replace("_", "-"): value for key, value in item[1].items()}
         return item[0], {"method": item[0], **own}
     raise TypeError(f"method spec {item!r}: expected a name or (label, {{overrides}})")

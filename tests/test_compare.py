@@ -23,6 +23,10 @@ def test_bad_specs_fail_before_any_run(tmp_path):
         compare(["fedavg", ("fedavg", {})], results_dir=tmp_path)
     with pytest.raises(TypeError):
         compare("fedavg", results_dir=tmp_path)
+    with pytest.raises(TypeError):
+        compare(("fedme-cnn1", {"init-arch": "cnn1"}), results_dir=tmp_path)
+    with pytest.raises(TypeError, match="spec"):
+        compare(["fedavg", 3], results_dir=tmp_path)
 
 
 @pytest.mark.slow
