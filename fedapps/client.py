@@ -7,6 +7,7 @@ message, loads its partition (cached per process) and calls :mod:`fedapps.traini
 from __future__ import annotations
 
 import hashlib
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,7 +16,7 @@ from flwr.clientapp import ClientApp
 from fedapps import training
 from fedapps.config import RunConfig
 from fedapps.data import ClientData, client_data, partition_for
-from fedapps.messages import from_arrays, new_model, run_config_of, to_arrays
+from fedapps.messages import from_arrays, new_model, run_config_of
 from fedapps.training import Optim
 
 
@@ -52,6 +53,24 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, ClientData, 
     pid = partition_id(context, config)
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     return config, pid, client_data(config, pid), training.resolve_device(config.device)
+
+
+def injected_fault(config: RunConfig, pid: int, server_round: int) -> str:
+    """``fault-injection`` for resilience tests: fail, stall past the timeout, or send NaNs."""
+    kind = config.faults().get((pid, server_round), "")
+    if kind == "error":
+        raise RuntimeError(f"fault-injection: client {pid} fails in round {server_round}")
+    if kind == "slow":
+        time.sleep(config.round_timeout + 2.0)
+    return kind
+
+
+def _outgoing(model: torch.nn.Module, fault: str) -> ArrayRecord:
+    state = model.state_dict()
+    if fault == "nan":
+        name = next(k for k, v in state.items() if v.is_floating_point())
+        state[name] = torch.full_like(state[name], float("nan"))
+    return ArrayRecord(state)
 
 
 def _reply(msg: Message, metrics: dict, **records: ArrayRecord | ConfigRecord) -> Message:
@@ -91,13 +110,16 @@ def train_global(msg: Message, context: Context) -> Message:
     """FedAvg local update of the shared model."""
     config, pid, data, device = _setup(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
+    fault = injected_fault(config, pid, server_round)
     model = from_arrays(config.model, msg.content["arrays"], config)
+    started = time.perf_counter()
     loss = training.train(model, data.train.x, data.train.y, config.local_epochs,
                           optim_of(config), generator(config, "train", server_round, pid), device)
     return _reply(
         msg,
-        {"partition-id": pid, "num-examples": len(data.train), "train-loss": loss},
-        arrays=to_arrays(model),
+        {"partition-id": pid, "num-examples": len(data.train), "train-loss": loss,
+         "train-s": time.perf_counter() - started},
+        arrays=_outgoing(model, fault),
     )
 
 
@@ -111,8 +133,10 @@ def train_mutual(msg: Message, context: Context) -> Message:
     config, pid, data, device = _setup(msg, context)
     info = msg.content["fedme"]
     server_round = int(info["server-round"])
+    fault = injected_fault(config, pid, server_round)
     personal = from_arrays(str(info["personal-arch"]), msg.content["personal"], config)
     exchange = from_arrays(str(info["exchange-arch"]), msg.content["exchange"], config)
+    started = time.perf_counter()
     loss_p, loss_ex = training.train_mutual(
         personal, exchange, data.train.x, data.train.y, config.local_epochs, optim_of(config),
         generator(config, "mutual", server_round, pid), device,
@@ -131,9 +155,10 @@ def train_mutual(msg: Message, context: Context) -> Message:
             "val-loss": val_p.loss,
             "exchange-val-loss": val_ex.loss,
             "adopted": int(adopt),
+            "train-s": time.perf_counter() - started,
         },
-        personal=to_arrays(personal),
-        exchange=to_arrays(exchange),
+        personal=_outgoing(personal, fault),
+        exchange=_outgoing(exchange, fault),
     )
 
 

@@ -64,6 +64,13 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     results_dir: str = "results"
+    # real deployments: partial participation, faults, checkpoints (docs in README "Faults")
+    fraction_train: float = 1.0  # share of clients that train each round
+    min_replies: int = 1  # fewer usable replies than this: the round is skipped, not aggregated
+    round_timeout: float = 3600.0  # seconds a phase waits for replies; late ones are left out
+    checkpoint_every: int = 0  # save the server state every N rounds (0: never)
+    run_name: str = ""  # fixed results folder <results-dir>/<run-name>; a restart resumes it
+    fault_injection: str = ""  # testing: 'error|nan|slow:client:round,...' faults on purpose
     # asynchronous distillation (fedapps/distill; docs/async-distill.md). ``model`` is the small
     # distilled model the clients train, ``global-model`` the large one only the server holds.
     global_model: str = "cnn-large"
@@ -148,6 +155,22 @@ class RunConfig:
             pairs.append((start, k))
         return sorted(pairs)
 
+    def faults(self) -> dict[tuple[int, int], str]:
+        """``fault-injection`` as {(client, round): kind}; kinds: error, nan, slow."""
+        faults = {}
+        for item in filter(None, self.fault_injection.split(",")):
+            try:
+                kind, client, server_round = item.strip().split(":")
+                faults[(int(client), int(server_round))] = kind
+            except ValueError:
+                kind = ""
+            if kind not in ("error", "nan", "slow"):
+                raise ConfigError(
+                    f"fault-injection='{self.fault_injection}': bad item '{item}'; expected "
+                    "'kind:client:round' with kind error, nan or slow"
+                )
+        return faults
+
     def clusters_at(self, server_round: int) -> int:
         k = 1
         for start, value in self.cluster_schedule_pairs():
@@ -190,6 +213,16 @@ class RunConfig:
             value = getattr(self, key.replace("-", "_"))
             if value < 0:
                 raise ConfigError(f"{key}={value}: must be >= 0")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
+        if self.min_replies < 1 or self.round_timeout <= 0 or self.checkpoint_every < 0:
+            raise ConfigError(
+                f"min-replies={self.min_replies} must be >= 1, round-timeout="
+                f"{self.round_timeout} > 0 and checkpoint-every={self.checkpoint_every} >= 0"
+            )
+        if self.run_name and ("/" in self.run_name or self.run_name.startswith(".")):
+            raise ConfigError(f"run-name='{self.run_name}': a plain folder name is expected")
+        self.faults()
         for key in ("val-fraction", "test-fraction"):
             value = getattr(self, key.replace("-", "_"))
             if not 0 <= value < 1:
@@ -281,7 +314,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Accept what TOML and the Flower CLI give (ints for floats, numeric strings)."""
-    kind = {"int": int, "float": float, "str": str}.get(str(annotation), None)
+    kind = {"int": int, "float": float, "str": str}.get(str(annotation))
     if kind is None:
         return value
     if kind is str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
@@ -81,5 +80,7 @@ def check_state(
             raise BadModelError(f"arrays for '{arch}' hold NaN or infinite values in '{name}'")
 
 
-def numpy_state(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in arrays.items()}
+def error_summary(reason: str, limit: int = 300) -> str:
+    """The last line of a client's error (Ray wraps it in a long traceback)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:limit]

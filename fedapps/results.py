@@ -17,19 +17,40 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedapps.config import RunConfig
+from fedapps.config import ConfigError, RunConfig
 
 
 class RunRecorder:
     def __init__(self, config: RunConfig, folder: Path | None = None) -> None:
         self.config = config
+        if folder is None and config.run_name:
+            folder = Path(config.results_dir) / config.run_name
         if folder is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             folder = Path(config.results_dir) / f"{config.method}-{config.dataset}-{stamp}"
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
-        write_json(self.folder / "config.json", config.to_dict())
+        self.round_started: float | None = None
+        config_path = self.folder / "config.json"
+        if config_path.exists():  # a named run restarted: it must be the same experiment
+            saved = json.loads(config_path.read_text())
+            changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
+                       if saved.get(k) != v}
+            if changed:
+                raise ConfigError(
+                    f"run-name='{config.run_name}' holds a run with another config "
+                    f"(saved vs now: {changed}); choose a new run-name to start afresh"
+                )
+        write_json(config_path, config.to_dict())
+
+    def resume_after(self, server_round: int) -> None:
+        """Drop log rows past the checkpoint and continue its clock."""
+        rows = [row for row in read_rounds(self.folder) if row["round"] <= server_round]
+        temporary = self.log_path.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        temporary.replace(self.log_path)
+        self.started = time.perf_counter() - (rows[-1]["time"] if rows else 0.0)
 
     @property
     def log_path(self) -> Path:
@@ -38,9 +59,14 @@ class RunRecorder:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def begin_round(self) -> None:
+        self.round_started = time.perf_counter()
+
     def log_round(self, server_round: int, **fields: Any) -> dict[str, Any]:
         """Append one round; also prints the one-line progress report users watch."""
         row = {"round": server_round, "time": round(self.elapsed(), 3), **fields}
+        if self.round_started is not None:
+            row["round-s"] = round(time.perf_counter() - self.round_started, 4)
         with self.log_path.open("a") as stream:
             stream.write(json.dumps(row, default=_jsonable) + "\n")
             stream.flush()

@@ -25,10 +25,11 @@ from fedapps.distill.averaging import (
     run_async_distillation,
 )
 from fedapps.distill.sync import run_sync_distill
-from fedapps.messages import config_record, new_model
+from fedapps.messages import config_record, error_summary, new_model
 from fedapps.results import RunRecorder, client_summary
-from fedapps.strategies.fedavg import RecordedFedAvg
+from fedapps.rounds import run_rounds
 from fedapps.strategies.centralized import run_centralized
+from fedapps.strategies.fedavg import RecordedFedAvg
 from fedapps.strategies.fedme import FedMe, per_client
 from fedapps.strategies.fml import run_fml
 from fedapps.strategies.hypcluster import run_hypcluster
@@ -60,9 +61,9 @@ def run(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None
                **METHODS[config.method](grid, config, clients, recorder)}
     recorder.write_summary(summary)
     after = summary.get("after-finetune", {})
-    print(f"fedapps: done in {recorder.elapsed():.1f}s; accuracy {after.get('mean', float('nan')):.4f}"
-          f" ± {after.get('sd', float('nan')):.4f} over clients; results in {recorder.folder}",
-          flush=True)
+    mean, sd = after.get("mean", float("nan")), after.get("sd", float("nan"))
+    print(f"fedapps: done in {recorder.elapsed():.1f}s; accuracy {mean:.4f} ± {sd:.4f} over "
+          f"clients; results in {recorder.folder}", flush=True)
     return recorder.folder
 
 
@@ -83,8 +84,10 @@ def discover_clients(grid: Grid, config: RunConfig, expected: int) -> dict[int, 
         )
         for n in nodes
     ]
-    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
-    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    # Set-up (and local-best training) is not a round: it gets the generous start-up wait.
+    replies = list(grid.send_and_receive(messages, timeout=max(NODE_WAIT_S, config.round_timeout)))
+    errors = [f"node {r.metadata.src_node_id}: {error_summary(r.error.reason)}"
+              for r in replies if r.has_error()]
     if errors:
         raise ClientFailure("clients failed to start: " + "; ".join(errors))
     clients: dict[int, dict[str, Any]] = {}
@@ -131,7 +134,7 @@ def run_fedme(grid, config, clients, recorder) -> dict[str, Any]:
         {pid: info["num-examples"] for pid, info in clients.items()},
         on_round=recorder.log_round,
     )
-    strategy.start(grid, ArrayRecord(), num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S)
+    run_rounds(strategy, grid, config, recorder)
     final = strategy.final_models()
     return {
         **finetune_summary(finetune_clients(grid, config, clients, final)),
@@ -140,20 +143,21 @@ def run_fedme(grid, config, clients, recorder) -> dict[str, Any]:
 
 
 def run_fedavg(grid, config, clients, recorder) -> dict[str, Any]:
-    count = len(clients)
+    # Node minimums stay low: on real devices a vanished node must not stall sampling.
     strategy = RecordedFedAvg(
         on_round=recorder.log_round,
-        min_train_nodes=count,
-        min_evaluate_nodes=count,
-        min_available_nodes=count,
+        arch=config.model,
+        min_replies=config.min_replies,
+        fraction_train=config.fraction_train,
+        min_train_nodes=min(2, len(clients)),
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
     )
     torch.manual_seed(config.seed)
     initial = ArrayRecord(new_model(config.model, config).state_dict())
-    result = strategy.start(
-        grid, initial, num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S,
-        train_config=config_record(config), evaluate_config=config_record(config),
-    )
-    final = dict.fromkeys(clients, (config.model, result.arrays))
+    arrays = run_rounds(strategy, grid, config, recorder, initial,
+                        config_record(config), config_record(config))
+    final = dict.fromkeys(clients, (config.model, arrays))
     return finetune_summary(finetune_clients(grid, config, clients, final))
 
 
@@ -177,7 +181,7 @@ def finetune_clients(grid, config, clients, final) -> dict[int, dict[str, float]
         messages.append(
             Message(content=content, message_type=message_type, dst_node_id=info["node"])
         )
-    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     before, after = per_client(replies, "before-accuracy"), per_client(replies, "after-accuracy")
     tested = per_client(replies, "num-examples")
     return {

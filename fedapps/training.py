@@ -57,7 +57,9 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Shuffled minibatches when ``generator`` is given, in order otherwise."""
     order = (
-        torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+        torch.randperm(len(x), generator=generator)
+        if generator is not None
+        else torch.arange(len(x))
     )
     for start in range(0, len(x), batch_size):
         index = order[start : start + batch_size]

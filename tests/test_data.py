@@ -72,7 +72,8 @@ def test_smaller_alpha_size_gives_more_unequal_sizes(digits):
 
 
 def test_too_few_samples_names_the_client(digits):
-    with pytest.raises(DataError, match=r"client \d+ got \d+ samples, fewer than min-client-samples=50"):
+    message = r"client \d+ got \d+ samples, fewer than min-client-samples=50"
+    with pytest.raises(DataError, match=message):
         make_partition(digits, num_clients=40, alpha_size=0.3, min_client_samples=50, seed=0)
 
 

@@ -184,7 +184,7 @@ def test_missing_and_poisoned_replies_are_left_out():
     replies = [fedme_reply(100, strategy, 0, False, 3.0), bad]  # client 2 never replied
     strategy.aggregate_train(1, replies)
     assert "1" not in strategy.round_info["adoptions"]
-    assert 1 in strategy.round_info["rejected"] and "do not match" in strategy.round_info["rejected"][1]
+    assert "do not match" in strategy.round_info["rejected"][1]
     for pid in (1, 2):  # no usable reply: the model is kept as it was
         for name, value in strategy.models[pid].model.state_dict().items():
             assert torch.equal(value, before[pid][name])

@@ -15,7 +15,8 @@ datasets = pytest.importorskip("datasets")
 def images(count, size, mode):
     rng = np.random.default_rng(0)
     shape = (size, size, 3) if mode == "RGB" else (size, size)
-    return [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode) for _ in range(count)]
+    arrays = [rng.integers(0, 255, shape, dtype=np.uint8) for _ in range(count)]
+    return [Image.fromarray(array, mode) for array in arrays]
 
 
 def test_cifar10_from_save_to_disk(tmp_path):
@@ -27,7 +28,7 @@ def test_cifar10_from_save_to_disk(tmp_path):
     dataset = load_dataset("cifar10", str(tmp_path / "cifar"))
     assert dataset.x.shape == (8, 3, 32, 32) and dataset.num_classes == 10
     assert dataset.y.tolist() == [0, 1, 2, 0, 1, 2, 9, 9]  # train first, then test
-    assert -1.0 <= dataset.x.min() and dataset.x.max() <= 1.0
+    assert dataset.x.min() >= -1.0 and dataset.x.max() <= 1.0
 
 
 def test_cifar10_from_torchvision_folder(tmp_path, monkeypatch):

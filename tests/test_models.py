@@ -6,6 +6,7 @@ from fedapps.config import RunConfig
 from fedapps.messages import BadModelError, from_arrays, new_model, to_arrays
 from fedapps.models import MODELS, build_model, count_parameters
 
+
 @pytest.mark.parametrize("name", [n for n in MODELS if not n.startswith("lstm")])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_image_models_build_and_give_class_scores(name, shape):
@@ -27,7 +28,8 @@ def test_lstm_predicts_next_character(depth):
 def test_parameter_count_grows_with_depth(family, shape):
     names = {"cnn": ["cnn1", "cnn2", "cnn3", "cnn4"], "vgg": ["vgg11", "vgg13", "vgg16", "vgg19"],
              "lstm": ["lstm1", "lstm2", "lstm3", "lstm4"]}[family]
-    counts = [count_parameters(build_model(n, shape, 10 if family != "lstm" else 80)) for n in names]
+    classes = 80 if family == "lstm" else 10
+    counts = [count_parameters(build_model(n, shape, classes)) for n in names]
     assert counts == sorted(counts) and len(set(counts)) == 4
 
 

@@ -20,7 +20,7 @@ from fedapps.data.partition import (
     make_partition,
     save_partition,
 )
-from fedapps.data.registry import DATASETS, Dataset, DataError, load_dataset
+from fedapps.data.registry import DATASETS, DataError, Dataset, load_dataset
 
 __all__ = [
     "DATASETS",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedapps.data.registry import Dataset, DataError
+from fedapps.data.registry import DataError, Dataset
 
 UNLABELED_CAP = 1000
 UNLABELED_AUTO_FRACTION = 0.15
@@ -93,7 +93,9 @@ def make_partition(
     if partitioner == "iid":
         shards = np.array_split(remaining, num_clients)
     elif partitioner == "dirichlet":
-        shards = _two_level_dirichlet(dataset.y, remaining, num_clients, alpha_label, alpha_size, rng)
+        shards = _two_level_dirichlet(
+            dataset.y, remaining, num_clients, alpha_label, alpha_size, rng
+        )
     elif partitioner == "natural":
         shards = _natural(dataset, remaining, num_clients, rng)
     else:

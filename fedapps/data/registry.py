@@ -60,7 +60,7 @@ def load_digits(data_path: str = "") -> Dataset:
 
 
 def load_npz(data_path: str) -> Dataset:
-    """Bring your own: an .npz with ``x`` (images or int sequences), ``y`` and optional ``groups``."""
+    """Bring your own: ``.npz`` with ``x`` (images or int sequences), ``y``, optional ``groups``."""
     if not data_path:
         raise DataError("dataset='npz' needs data-path pointing at an .npz file with x and y")
     try:
@@ -121,7 +121,7 @@ def load_femnist(data_path: str = "") -> Dataset:
     _, writers = np.unique(np.asarray(table["writer_id"]), return_inverse=True)
     return Dataset(
         "femnist", x, np.asarray(table["character"], dtype=np.int64), 62, writers,
-        index_space="flwrlabs/femnist splits concatenated, train first, then the others by name",
+        index_space="flwrlabs/femnist splits concatenated, train first, then by name",
     )
 
 
@@ -139,7 +139,7 @@ def load_shakespeare(data_path: str = "") -> Dataset:
     _, characters = np.unique(np.asarray(table["character_id"]), return_inverse=True)
     return Dataset(
         "shakespeare", x, y, len(SHAKESPEARE_LETTERS), characters,
-        index_space="flwrlabs/shakespeare splits concatenated, train first, then the others by name",
+        index_space="flwrlabs/shakespeare splits concatenated, train first, then by name",
     )
 
 

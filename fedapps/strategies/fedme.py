@@ -29,7 +29,13 @@ from torch import nn
 
 from fedapps import training
 from fedapps.config import RunConfig
-from fedapps.messages import BadModelError, check_state, config_record, new_model
+from fedapps.messages import (
+    BadModelError,
+    check_state,
+    config_record,
+    error_summary,
+    new_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,27 +184,44 @@ class FedMe(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Cluster ALL models, then pair the round's participants within their clusters."""
         started = time.perf_counter()
         pids = sorted(self.models)
-        outputs = [training.predict(self.models[p].model, self.unlabeled, self.device) for p in pids]
+        outputs = [training.predict(self.models[p].model, self.unlabeled, self.device)
+                   for p in pids]
         features = np.stack([model_features(o, self.config.cluster_on) for o in outputs])
+        inferred = time.perf_counter()
         clustering = cluster_models(
             features, self.config.clusters_at(server_round), self.config.seed + server_round,
             self.config.kmeans_restarts,
         )
         if clustering.note:
             log.warning("round %d: %s", server_round, clustering.note)
-        partners = assign_exchange(clustering.labels, self.rng)
-        self.partner = {pid: pids[j] for pid, j in zip(pids, partners)}
+        cluster_of = dict(zip(pids, clustering.labels))
+        participants = self._participants(pids)
+        partners = assign_exchange(np.array([cluster_of[p] for p in participants]), self.rng)
+        self.partner = {pid: participants[j] for pid, j in zip(participants, partners)}
         self.round_info = {
             "k": clustering.used_k,
             "k-requested": clustering.requested_k,
-            "clusters": {str(p): int(c) for p, c in zip(pids, clustering.labels)},
+            "clusters": {str(p): int(c) for p, c in cluster_of.items()},
             "exchange": {str(p): q for p, q in self.partner.items()},
             "clustering-note": clustering.note,
+            "server-outputs-s": round(inferred - started, 4),
+            "server-kmeans-s": round(time.perf_counter() - inferred, 4),
             "server-cluster-s": round(time.perf_counter() - started, 4),
         }
-        return [self._train_message(pid, server_round, config) for pid in pids]
+        packed = time.perf_counter()
+        messages = [self._train_message(pid, server_round, config) for pid in participants]
+        self.round_info["server-messages-s"] = round(time.perf_counter() - packed, 4)
+        return messages
+
+    def _participants(self, pids: list[int]) -> list[int]:
+        """``fraction-train`` of the clients (at least two, to exchange), drawn with the seed."""
+        if self.config.fraction_train >= 1:
+            return pids
+        count = max(2, self.config.min_replies, round(self.config.fraction_train * len(pids)))
+        return sorted(self.rng.choice(pids, size=min(count, len(pids)), replace=False).tolist())
 
     def _train_message(self, pid: int, server_round: int, config: ConfigRecord) -> Message:
         own, other = self.models[pid], self.models[self.partner[pid]]
@@ -219,7 +242,8 @@ class FedMe(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        contributions, adopted, losses, rejected = [], {}, {}, {}
+        started = time.perf_counter()
+        contributions, adopted, losses, rejected, train_times = [], {}, {}, {}, {}
         pid_of = {node: pid for pid, node in self.node_of.items()}
         for reply in replies:
             pid = pid_of.get(reply.metadata.src_node_id)
@@ -233,33 +257,40 @@ class FedMe(Strategy):
                 continue
             contributions += pieces[0]
             adopted[pid], losses[pid] = pieces[1], pieces[2]
+            train_times[pid] = float(reply.content["metrics"].get("train-s", 0.0))
         replied = set(adopted)
+        self.round_info.update(replies=len(replied), rejected=rejected)
+        if len(replied) < self.config.min_replies:
+            reason = f"{len(replied)} usable replies < min-replies={self.config.min_replies}"
+            log.warning("round %d skipped: %s", server_round, reason)
+            self.round_info.update(skipped=reason, adoptions={})
+            return None, None
         # A client that did not reply keeps its model: its copies held by others are dropped too.
         usable = [c for c in contributions if c.owner in replied]
         merged = aggregate_models(usable, self.config.aggregation_weighting)
         for owner, state in merged.items():
             self.models[owner].model.load_state_dict(state)
         aggregated = dict(self.models)  # adoptions copy these, not models replaced meanwhile
-        for pid, adopt in adopted.items():
-            source = self.partner[pid]
-            if adopt and source in merged:
-                chosen = aggregated[source]
-                model = new_model(chosen.arch, self.config)
-                model.load_state_dict(chosen.model.state_dict())
-                self.models[pid] = ClientModel(chosen.arch, model, self.models[pid].num_examples)
+        adoptions = {
+            p: self.partner[p] for p, a in adopted.items() if a and self.partner[p] in merged
+        }
+        for pid, source in adoptions.items():
+            chosen = aggregated[source]
+            model = new_model(chosen.arch, self.config)
+            model.load_state_dict(chosen.model.state_dict())
+            self.models[pid] = ClientModel(chosen.arch, model, self.models[pid].num_examples)
+        train_loss = float(np.mean(list(losses.values())))
         self.round_info.update({
-            "replies": len(replied),
-            "rejected": rejected,
-            "adoptions": {str(p): self.partner[p] for p, a in adopted.items() if a},
-            "architectures": dict(sorted(Counter(m.arch for m in self.models.values()).items())),
+            "adoptions": {str(p): q for p, q in adoptions.items()},
+            "train-loss": train_loss,
+            "client-train-s": round(sum(train_times.values()), 4),
+            "server-aggregate-s": round(time.perf_counter() - started, 4),
         })
-        if not losses:
-            return None, None
-        return None, MetricRecord({"train-loss": float(np.mean(list(losses.values())))})
+        return None, MetricRecord({"train-loss": train_loss})
 
     def _unpack(self, pid: int, reply: Message) -> tuple[list[Contribution], bool, float]:
         if reply.has_error():
-            raise ValueError(f"client error: {reply.error.reason}")
+            raise ValueError(f"client error: {error_summary(reply.error.reason)}")
         content = reply.content
         metrics = content["metrics"]
         num = int(metrics["num-examples"])
@@ -293,7 +324,8 @@ class FedMe(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         accuracies = per_client(replies, "test-accuracy")
-        fields = dict(self.round_info)
+        architectures = Counter(m.arch for m in self.models.values())
+        fields = {**self.round_info, "architectures": dict(sorted(architectures.items()))}
         if accuracies:
             values = list(accuracies.values())
             fields.update(accuracy=float(np.mean(values)), **{"accuracy-sd": float(np.std(values))},
@@ -307,6 +339,21 @@ class FedMe(Strategy):
         log.info("FedMe: %d clients, K schedule %s, clustering on %s",
                  len(self.models), self.config.cluster_schedule_pairs(), self.config.cluster_on)
 
+    def state_dict(self) -> dict[str, object]:
+        """Everything a restarted server needs to continue this run exactly."""
+        return {
+            "models": {p: (m.arch, m.model.state_dict(), m.num_examples)
+                       for p, m in self.models.items()},
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        for pid, (arch, weights, num_examples) in state["models"].items():
+            model = new_model(arch, self.config)
+            model.load_state_dict(weights)
+            self.models[pid] = ClientModel(arch, model, num_examples)
+        self.rng.bit_generator.state = state["rng"]
+
     def final_models(self) -> dict[int, tuple[str, ArrayRecord]]:
         return {p: (m.arch, ArrayRecord(m.model.state_dict())) for p, m in self.models.items()}
 
@@ -316,8 +363,8 @@ def per_client(replies: Iterable[Message], key: str) -> dict[int, float]:
     values = {}
     for reply in replies:
         if reply.has_error():
-            log.warning("evaluation error from node %s: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
+            log.warning("error from node %s: %s", reply.metadata.src_node_id,
+                        error_summary(reply.error.reason))
             continue
         metrics = reply.content["metrics"]
         if key in metrics:
