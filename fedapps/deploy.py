@@ -54,11 +54,11 @@ def stop_process(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S
     their own, so killing the group alone would leave them behind: they are listed first.
     ``grace_s=0`` kills at once (a crash).
     """
-    try:
-        root = psutil.Process(process.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
+    tree: list[psutil.Process] = []
+    if process.poll() is None:  # once reaped, its pid may belong to someone else
+        with suppress(psutil.NoSuchProcess):
+            root = psutil.Process(process.pid)
+            tree = [root, *root.children(recursive=True)]
     signals = [signal.SIGTERM, signal.SIGKILL] if grace_s > 0 else [signal.SIGKILL]
     for sig in signals:
         with suppress(ProcessLookupError, PermissionError):
@@ -99,6 +99,7 @@ class Deployment:
     stack: ExitStack
     superlink: subprocess.Popen[bytes] | None = None
     supernodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)  # all spawned
 
     @property
     def logs(self) -> Path:
@@ -116,6 +117,7 @@ class Deployment:
             process = subprocess.Popen(command, env=dict(env or self.env), cwd=PROJECT,
                                        stdout=None if echo else log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
+        self.processes.append(process)
         self.stack.callback(stop_process, process)
         return process
 
@@ -204,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num-supernodes {nodes} differs from the run's "
                      f"{num_supernodes(values)} clients (num-partitions must match)")
     home = args.home.resolve()
+    # `kill`/`timeout` send SIGTERM: exit through the context manager so it stops every process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with deployment(nodes, home) as deploy:
         print(f"fedapps.deploy: SuperLink on {deploy.address}, {nodes} SuperNodes; "
               f"logs in {deploy.logs}", flush=True)

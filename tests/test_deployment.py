@@ -1,0 +1,117 @@
+"""Real deployment on loopback: a flower-superlink and flower-supernode processes (fedapps.deploy).
+
+Slow by nature: the deployment runtime polls every 3 s and starts a process per message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedapps.deploy import Deployment, deployment
+from fedapps.launch import resolve, write_run_config
+from fedapps.results import read_rounds
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT_S = 420.0
+SMALL = {
+    "method": "fedme", "num-clients": 3, "num-rounds": 2, "local-best-epochs": 1,
+    "local-epochs": 1, "finetune-epochs": 1, "candidate-models": "cnn1,cnn2",
+}
+
+
+def run_config(tmp_path: Path, **overrides: object) -> Path:
+    values = resolve(None, {**SMALL, "results-dir": str(tmp_path / "results"), **overrides})
+    return write_run_config(values, tmp_path / "run-config.toml")
+
+
+def results_folder(tmp_path: Path) -> Path | None:
+    folders = list((tmp_path / "results").glob("fedme-digits-*"))
+    return folders[0] if folders else None
+
+
+def process_trees(deploy: Deployment) -> list[psutil.Process]:
+    """Every live process the deployment started, with the helpers Flower started below them."""
+    trees = []
+    for process in deploy.processes:
+        try:
+            root = psutil.Process(process.pid)
+            trees += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return trees
+
+
+def assert_all_gone(processes: list[psutil.Process]) -> None:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"left running: {alive}"
+
+
+def finish(deploy: Deployment, run, timeout_s: float) -> int:
+    try:
+        return run.wait(timeout=timeout_s)
+    except Exception:
+        print(deploy.log_tail("flwr-run"), deploy.log_tail("superlink"), sep="\n")
+        raise
+
+
+def test_fedme_on_real_superlink_and_supernodes(tmp_path):
+    with deployment(3, tmp_path / "flwr") as deploy:
+        run = deploy.start_run(run_config(tmp_path))
+        code = finish(deploy, run, RUN_TIMEOUT_S)
+        started = process_trees(deploy)
+        assert code == 0, deploy.log_tail("flwr-run")
+    assert_all_gone(started)
+    folder = results_folder(tmp_path)
+    assert folder is not None
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [row["round"] for row in read_rounds(folder)] == [1, 2]
+    assert set(summary["clients"]) == {"0", "1", "2"}
+    assert summary["after-finetune"]["mean"] > 0.1  # chance on ten digits
+
+
+def test_run_finishes_when_a_supernode_dies(tmp_path):
+    """Partition 2's SuperNode is killed after round 1: later phases go on without it (after
+    ``round-timeout`` or once the SuperLink marks it offline), fine-tuning has the two others.
+
+    The timeout leaves healthy replies a wide margin: a phase can take 20-30 s on a busy CPU.
+    """
+    with deployment(3, tmp_path / "flwr") as deploy:
+        run = deploy.start_run(run_config(tmp_path, **{"round-timeout": 60.0}))
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not ((folder := results_folder(tmp_path)) and read_rounds(folder)):
+            assert run.poll() is None, deploy.log_tail("flwr-run")
+            assert time.monotonic() < deadline, deploy.log_tail("flwr-run")
+            time.sleep(1)
+        deploy.kill_supernode(2)
+        code = finish(deploy, run, deadline - time.monotonic())
+        started = process_trees(deploy)
+        assert code == 0, deploy.log_tail("flwr-run")
+    assert_all_gone(started)
+    rows = read_rounds(folder)
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[0]["replies"] == 3 and rows[1]["replies"] == 2
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["clients"]) == {"0", "1"}
+    assert summary["after-finetune"]["mean"] > 0.1
+
+
+def test_every_process_is_stopped_when_the_caller_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="caller failed"), \
+            deployment(2, tmp_path / "flwr") as deploy:
+        deadline = time.monotonic() + 60
+        while len(started := process_trees(deploy)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.5)  # the SuperLink and SuperNodes each start a SuperExec
+        raise RuntimeError("caller failed")
+    assert_all_gone(started)
