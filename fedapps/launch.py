@@ -129,7 +129,9 @@ def launch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("config", nargs="?", help="experiment file, e.g. conf/fedme-digits.toml")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
                         default=[], metavar="KEY=VALUE", help="override one run-config key")
