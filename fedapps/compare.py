@@ -102,16 +102,17 @@ class Comparison:
         """The paper's Table 3: clients per final architecture, mean over seeds (FedMe runs)."""
         import pandas as pd
 
+        finals = [r for r in self.runs if r.summary.get("architectures")]
+        names = sorted({a for r in finals for a in r.summary["architectures"].values()})
         rows = []
         for label in self.labels:
-            runs = [r for r in self.runs if r.label == label and r.summary.get("architectures")]
-            if not runs:
-                continue
-            names = sorted({a for r in runs for a in r.summary["architectures"].values()})
-            counts = {n: [list(r.summary["architectures"].values()).count(n) for r in runs]
-                      for n in names}
-            rows.append({"method": label, **{n: _mean(c) for n, c in counts.items()},
-                         **{f"{n}-sd": statistics.pstdev(c) for n, c in counts.items()}})
+            runs = [list(r.summary["architectures"].values()) for r in finals if r.label == label]
+            if runs:
+                row: dict[str, Any] = {"method": label}
+                for name in names:
+                    counts = [archs.count(name) for archs in runs]
+                    row[name], row[f"{name}-sd"] = _mean(counts), statistics.pstdev(counts)
+                rows.append(row)
         return pd.DataFrame(rows)
 
     def to_markdown(self) -> str:

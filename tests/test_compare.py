@@ -66,3 +66,29 @@ def test_notebook_runs(tmp_path, monkeypatch):
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent.parent)}}).execute()
     assert (tmp_path / "runs" / "summary" / "table.md").exists()
+
+
+def test_table_and_architectures_from_runs():
+    from fedapps.compare import Comparison, RunResult
+
+    def run(label, seed, mean, archs=None, reported="after-finetune"):
+        summary = {"rounds": 3, "reported": reported,
+                   "before-finetune": {"mean": mean - 0.1, "sd": 0.05},
+                   "after-finetune": {"mean": mean, "sd": 0.1}}
+        if archs:
+            summary["architectures"] = dict(enumerate(archs))
+        return RunResult(label, seed, 10.0, Path("."), summary, [{"round": 1, "accuracy": 0.5}])
+
+    result = Comparison(["a", "b", "c"], [
+        run("a", 0, 0.8, ["cnn1", "cnn2"]), run("a", 1, 0.6, ["cnn1", "cnn1"]),
+        run("b", 0, 0.5, reported="before-finetune"),
+        RunResult("c", 0, 1.0, error="RuntimeError: boom"),
+    ])
+    rows = {row["method"]: row for row in result.table.to_dict("records")}
+    assert rows["a"]["accuracy"] == pytest.approx(70) and rows["a"]["accuracy-sd"] == 10
+    assert rows["a"]["seed-sd"] == pytest.approx(14.142, abs=1e-3)
+    assert rows["b"]["accuracy"] == pytest.approx(40)  # its reported field: before fine-tuning
+    assert rows["c"]["runs"] == "0/1" and "boom" in rows["c"]["error"]
+    archs = result.architectures().set_index("method")
+    assert archs.loc["a", "cnn1"] == 1.5 and archs.loc["a", "cnn2-sd"] == 0.5
+    assert list(result.curves["method"]) == ["a", "a", "b"]
