@@ -29,7 +29,7 @@ sys.path.insert(0, str(PROJECT))
 
 from fedapps.distill.distillation import GLOBAL_LOG, read_log  # noqa: E402
 from fedapps.launch import parse_override, resolve  # noqa: E402
-from fedapps.results import write_json  # noqa: E402
+from fedapps.results import read_rounds, write_json  # noqa: E402
 from fedapps.simulation import simulate  # noqa: E402
 
 FORWARD_EVERY_OURS = 4
@@ -60,7 +60,10 @@ def run_variant(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, An
     target = values["target-accuracy"]
     reached = [t for t, accuracy in points if accuracy >= target]
     summary = json.loads((folder / "summary.json").read_text())
+    round_times = [r["time"] for r in read_rounds(folder)]
     return {"folder": str(folder), "points": points,
+            "s-per-round": (round_times[-1] - round_times[0]) / max(len(round_times) - 1, 1),
+            "load-average": round(os.getloadavg()[0], 1),
             "time-to-target-s": reached[0] if reached else None,
             "final-accuracy": points[-1][1], "best-accuracy": max(a for _, a in points),
             "end-s": points[-1][0], "passes": len(points) - 1,
@@ -70,14 +73,14 @@ def run_variant(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, An
 def table(results: dict[str, dict[str, Any]], target: float) -> str:
     base = results.get(BASELINE, {}).get("time-to-target-s")
     lines = [f"| variant | time to {target:.0%} (s) | speed-up vs {BASELINE} | final accuracy "
-             "| best accuracy | global tests | end (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| best accuracy | global tests | end (s) | s / averaging round | load avg |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         ttt = r["time-to-target-s"]
         speedup = f"{base / ttt:.2f}x" if base and ttt else "–"
         lines.append(f"| {name} | {'not reached' if ttt is None else f'{ttt:.1f}'} | {speedup} "
                      f"| {r['final-accuracy']:.4f} | {r['best-accuracy']:.4f} | {r['passes']} "
-                     f"| {r['end-s']:.1f} |")
+                     f"| {r['end-s']:.1f} | {r['s-per-round']:.2f} | {r['load-average']} |")
     return "\n".join(lines) + "\n"
 
 
