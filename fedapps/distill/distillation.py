@@ -182,9 +182,10 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
             entry = channel.latest("distilled")
             small, have, on_have, last_news = entry.state, entry.version, 0, time.monotonic()
         else:
-            if on_have >= final_passes and 0 <= channel.latest_version("stop") <= have:
+            finished = 0 <= channel.latest_version("stop") <= have
+            if finished and on_have >= final_passes:
                 break  # the final model has been distilled (final-passes times if continuous)
-            if time.monotonic() - last_news > config.channel_timeout:
+            if not finished and time.monotonic() - last_news > config.channel_timeout:
                 raise ChannelTimeout(
                     f"no new distilled model for {config.channel_timeout:.0f}s (newest: "
                     f"{have}); is the averaging server running on the same channel?"
