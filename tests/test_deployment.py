@@ -66,23 +66,10 @@ def finish(deploy: Deployment, run, timeout_s: float) -> int:
         raise
 
 
-def test_fedme_on_real_superlink_and_supernodes(tmp_path):
-    with deployment(3, tmp_path / "flwr") as deploy:
-        run = deploy.start_run(run_config(tmp_path))
-        code = finish(deploy, run, RUN_TIMEOUT_S)
-        started = process_trees(deploy)
-        assert code == 0, deploy.log_tail("flwr-run")
-    assert_all_gone(started)
-    folder = results_folder(tmp_path)
-    assert folder is not None
-    summary = json.loads((folder / "summary.json").read_text())
-    assert [row["round"] for row in read_rounds(folder)] == [1, 2]
-    assert set(summary["clients"]) == {"0", "1", "2"}
-    assert summary["after-finetune"]["mean"] > 0.1  # chance on ten digits
+def test_fedme_on_real_processes_finishes_when_a_supernode_dies(tmp_path):
+    """2 FedMe rounds on a real SuperLink and 3 real SuperNodes; round 1 has all three.
 
-
-def test_run_finishes_when_a_supernode_dies(tmp_path):
-    """Partition 2's SuperNode is killed after round 1: later phases go on without it (after
+    Partition 2's SuperNode is then killed: later phases go on without it (after
     ``round-timeout`` or once the SuperLink marks it offline), fine-tuning has the two others.
 
     The timeout leaves healthy replies a wide margin: a phase can take 20-30 s on a busy CPU.
