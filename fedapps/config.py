@@ -45,7 +45,7 @@ class RunConfig:
     model: str = "cnn2"
     candidate_models: str = "cnn1,cnn2,cnn3,cnn4"
     init_arch: str = "local-best"
-    local_best_epochs: int = 5
+    local_best_epochs: int = 30  # long enough that small models do not win just by learning fast
     num_rounds: int = 20
     local_epochs: int = 2
     batch_size: int = 20
