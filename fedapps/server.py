@@ -39,7 +39,6 @@ from fedapps.strategies.pfedme import run_pfedme
 log = logging.getLogger(__name__)
 
 NODE_WAIT_S = 300.0
-REPLY_TIMEOUT_S = 3600.0
 
 
 class ClientFailure(RuntimeError):

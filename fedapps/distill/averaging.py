@@ -34,7 +34,6 @@ from fedapps.distill.distillation import GLOBAL_LOG, GlobalLog, global_summary, 
 from fedapps.messages import config_record, from_arrays, to_arrays
 from fedapps.results import RunRecorder
 
-REPLY_TIMEOUT_S = 3600.0
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 BeforeRound = Callable[[int, ArrayRecord], ArrayRecord]
@@ -69,7 +68,7 @@ class HookedFedAvg(FedAvg):
         return arrays, metrics
 
 
-def run_rounds(
+def fedavg_rounds(
     grid: Grid, config: RunConfig, clients: dict, initial: ArrayRecord, rounds: int,
     before: BeforeRound, after: AfterRound, offset: int = 0,
 ) -> None:
@@ -77,7 +76,7 @@ def run_rounds(
     count = len(clients)
     strategy = HookedFedAvg(before, after, offset, min_train_nodes=count,
                             min_available_nodes=count)
-    strategy.start(grid, initial, num_rounds=rounds, timeout=REPLY_TIMEOUT_S,
+    strategy.start(grid, initial, num_rounds=rounds, timeout=config.round_timeout,
                    train_config=config_record(config))
 
 
@@ -110,7 +109,7 @@ def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,
         recorder.log_round(server_round, **fields, adoptions=adoptions)
 
     rounds = max(0, config.num_rounds - offset)
-    run_rounds(grid, config, clients, initial, rounds, adopt_forward, publish, offset)
+    fedavg_rounds(grid, config, clients, initial, rounds, adopt_forward, publish, offset)
     if channel.latest_version("stop") < config.num_rounds:
         channel.publish("stop", {}, {"final-version": config.num_rounds},
                         version=config.num_rounds)

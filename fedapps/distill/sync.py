@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedapps.distill.averaging import run_rounds
+from fedapps.distill.averaging import fedavg_rounds
 from fedapps.distill.distillation import (
     GLOBAL_LOG,
     Distiller,
@@ -43,6 +43,6 @@ def run_sync_distill(grid, config, clients, recorder) -> dict[str, Any]:
         recorder.log_round(server_round, **fields)
 
     initial = ArrayRecord(initial_small_state(config))
-    run_rounds(grid, config, clients, initial, config.num_rounds, forward, reverse)
+    fedavg_rounds(grid, config, clients, initial, config.num_rounds, forward, reverse)
     return {"averaging-rounds": config.num_rounds,
             **global_summary(read_log(log.path), config.target_accuracy)}

@@ -18,13 +18,13 @@ from fedapps.messages import config_record
 
 
 def run_centralized(grid, config, clients, recorder) -> dict[str, Any]:
-    from fedapps.server import REPLY_TIMEOUT_S, ClientFailure, finetune_clients, finetune_summary
+    from fedapps.server import ClientFailure, finetune_clients, finetune_summary
 
     pid = min(clients)
     message = Message(content=RecordDict({"config": config_record(config)}),
                       message_type=f"{MessageType.TRAIN}.centralized",
                       dst_node_id=clients[pid]["node"])
-    replies = list(grid.send_and_receive([message], timeout=REPLY_TIMEOUT_S))
+    replies = list(grid.send_and_receive([message], timeout=config.round_timeout))
     if not replies or replies[0].has_error():
         reason = replies[0].error.reason if replies else "no reply"
         raise ClientFailure(f"centralized training on partition {pid} failed: {reason}")

@@ -155,10 +155,10 @@ class HypCluster(Strategy):
 
 
 def run_hypcluster(grid, config, clients, recorder) -> dict[str, Any]:
-    from fedapps.server import REPLY_TIMEOUT_S, finetune_clients, finetune_summary
+    from fedapps.server import finetune_clients, finetune_summary
 
     strategy = HypCluster(config, {p: c["node"] for p, c in clients.items()}, recorder.log_round)
-    strategy.start(grid, ArrayRecord(), num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S)
+    strategy.start(grid, ArrayRecord(), num_rounds=config.num_rounds, timeout=config.round_timeout)
     summary = finetune_summary(finetune_clients(grid, config, clients, strategy.final_models()))
     return {**summary, "reported": "after-finetune",
             "clusters": {str(p): c for p, c in sorted(strategy.assignment.items())}}

@@ -129,10 +129,10 @@ class SharedAndPersonal(Strategy):
 def run_shared_and_personal(grid: Grid, config: RunConfig, clients: Mapping[int, Mapping],
                             recorder, action: str, mix: float = 1.0) -> dict[str, Any]:
     """Train with :class:`SharedAndPersonal`, then the shared end-of-training evaluation."""
-    from fedapps.server import REPLY_TIMEOUT_S, finetune_clients, finetune_summary
+    from fedapps.server import finetune_clients, finetune_summary
 
     strategy = SharedAndPersonal(config, {p: c["node"] for p, c in clients.items()}, action,
                                  recorder.log_round, mix)
-    strategy.start(grid, ArrayRecord(), num_rounds=config.num_rounds, timeout=REPLY_TIMEOUT_S)
+    strategy.start(grid, ArrayRecord(), num_rounds=config.num_rounds, timeout=config.round_timeout)
     final = strategy.final_models()
     return finetune_summary(finetune_clients(grid, config, clients, final))
