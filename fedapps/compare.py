@@ -137,10 +137,11 @@ class Comparison:
 
         fig, axis = plt.subplots(figsize=(8, 5))
         curves = self.curves
-        for label in self.labels:
+        for number, label in enumerate(self.labels):
             mean = curves[curves["method"] == label].groupby("round")["accuracy"].mean()
-            if len(mean):
-                axis.plot(mean.index, mean.values, marker="o", markersize=2, label=label)
+            if len(mean):  # the colour cycle has 10 colours: dashed lines after that
+                axis.plot(mean.index, mean.values, marker="o", markersize=2, label=label,
+                          linestyle="-" if number < 10 else "--")
         axis.set(xlabel="round", ylabel="mean client test accuracy (%)",
                  title="accuracy by round (mean over seeds)")
         axis.grid(alpha=0.3)
