@@ -59,10 +59,11 @@ def run(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None
     summary = {"num-clients": partition.num_clients, "rounds": config.num_rounds,
                **METHODS[config.method](grid, config, clients, recorder)}
     recorder.write_summary(summary)
-    after = summary.get("after-finetune", {})
-    mean, sd = after.get("mean", float("nan")), after.get("sd", float("nan"))
-    print(f"fedapps: done in {recorder.elapsed():.1f}s; accuracy {mean:.4f} ± {sd:.4f} over "
-          f"clients; results in {recorder.folder}", flush=True)
+    after = summary.get("after-finetune")
+    accuracy = (f"; accuracy {after['mean']:.4f} ± {after['sd']:.4f} over clients"
+                if after else "")
+    print(f"fedapps: done in {recorder.elapsed():.1f}s{accuracy}; results in {recorder.folder}",
+          flush=True)
     return recorder.folder
 
 
