@@ -9,7 +9,7 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,36 +197,18 @@ class RunConfig:
         if not self.candidates:
             raise ConfigError("candidate-models is empty; give at least one model name")
         self._validate_init_arch(tuple(MODELS))
-        for key in ("alpha-label", "alpha-size", "lr", "dml-temperature"):
-            value = getattr(self, key.replace("-", "_"))
-            if not value > 0:
-                raise ConfigError(f"{key}={value}: must be > 0")
-        for key in ("num-clients", "num-rounds", "batch-size", "eval-every", "kmeans-restarts"):
-            value = getattr(self, key.replace("-", "_"))
-            if value < 1:
-                raise ConfigError(f"{key}={value}: must be >= 1")
-        for key in ("local-epochs", "finetune-epochs", "local-best-epochs", "min-client-samples"):
-            value = getattr(self, key.replace("-", "_"))
-            if value < 0:
-                raise ConfigError(f"{key}={value}: must be >= 0")
-        for key in ("momentum", "weight-decay", "clip-norm", "dml-kl-weight"):
-            value = getattr(self, key.replace("-", "_"))
-            if value < 0:
-                raise ConfigError(f"{key}={value}: must be >= 0")
-        if not 0 < self.fraction_train <= 1:
-            raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
-        if self.min_replies < 1 or self.round_timeout <= 0 or self.checkpoint_every < 0:
-            raise ConfigError(
-                f"min-replies={self.min_replies} must be >= 1, round-timeout="
-                f"{self.round_timeout} > 0 and checkpoint-every={self.checkpoint_every} >= 0"
-            )
+        self._require(("alpha-label", "alpha-size", "lr", "dml-temperature", "round-timeout"),
+                      lambda v: v > 0, "> 0")
+        self._require(("num-clients", "num-rounds", "batch-size", "eval-every",
+                       "kmeans-restarts", "min-replies"), lambda v: v >= 1, ">= 1")
+        self._require(("local-epochs", "finetune-epochs", "local-best-epochs",
+                       "min-client-samples", "momentum", "weight-decay", "clip-norm",
+                       "dml-kl-weight", "checkpoint-every"), lambda v: v >= 0, ">= 0")
+        self._require(("val-fraction", "test-fraction"), lambda v: 0 <= v < 1, "in [0, 1)")
+        self._require(("fraction-train",), lambda v: 0 < v <= 1, "in (0, 1]")
         if self.run_name and ("/" in self.run_name or self.run_name.startswith(".")):
             raise ConfigError(f"run-name='{self.run_name}': a plain folder name is expected")
         self.faults()
-        for key in ("val-fraction", "test-fraction"):
-            value = getattr(self, key.replace("-", "_"))
-            if not 0 <= value < 1:
-                raise ConfigError(f"{key}={value}: must be in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 f"val-fraction + test-fraction = {self.val_fraction + self.test_fraction}: "
@@ -251,18 +233,12 @@ class RunConfig:
         _one_of("global-model", self.global_model, models)
         _one_of("distill-mode", self.distill_mode, DISTILL_MODES)
         _one_of("channel-backend", self.channel_backend, tuple(CHANNELS))
-        for key in ("distill-temperature", "distill-lr", "channel-timeout"):
-            value = getattr(self, key.replace("-", "_"))
-            if not value > 0:
-                raise ConfigError(f"{key}={value}: must be > 0")
-        if self.final_passes < 1:
-            raise ConfigError(f"final-passes={self.final_passes}: must be >= 1")
-        for key in ("distill-epochs", "forward-distill-every", "distill-delay", "distill-threads"):
-            value = getattr(self, key.replace("-", "_"))
-            if value < 0:
-                raise ConfigError(f"{key}={value}: must be >= 0")
-        if not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"target-accuracy={self.target_accuracy}: must be in (0, 1]")
+        self._require(("distill-temperature", "distill-lr", "channel-timeout"),
+                      lambda v: v > 0, "> 0")
+        self._require(("final-passes",), lambda v: v >= 1, ">= 1")
+        self._require(("distill-epochs", "forward-distill-every", "distill-delay",
+                       "distill-threads"), lambda v: v >= 0, ">= 0")
+        self._require(("target-accuracy",), lambda v: 0 < v <= 1, "in (0, 1]")
         if self.method in ("async-averaging", "async-distillation") and not self.channel_dir:
             raise ConfigError(
                 f"method='{self.method}' runs one half of async-distill and needs channel-dir: "
@@ -271,23 +247,21 @@ class RunConfig:
 
     def _validate_baselines(self) -> None:
         """Keys of the paper's baselines (HypCluster, FML, pFedMe, MAPPER)."""
-        for key in ("hypcluster-k", "pfedme-inner-steps"):
-            value = getattr(self, key.replace("-", "_"))
-            if value < 1:
-                raise ConfigError(f"{key}={value}: must be >= 1")
-        for key in ("pfedme-lambda", "pfedme-personal-lr", "pfedme-beta"):
-            value = getattr(self, key.replace("-", "_"))
-            if not value > 0:
-                raise ConfigError(f"{key}={value}: must be > 0")
-        for key in ("fml-alpha", "fml-beta"):
-            value = getattr(self, key.replace("-", "_"))
-            if not 0 <= value <= 1:
-                raise ConfigError(f"{key}={value}: must be in [0, 1]")
+        self._require(("hypcluster-k", "pfedme-inner-steps"), lambda v: v >= 1, ">= 1")
+        self._require(("pfedme-lambda", "pfedme-personal-lr", "pfedme-beta"),
+                      lambda v: v > 0, "> 0")
+        self._require(("fml-alpha", "fml-beta"), lambda v: 0 <= v <= 1, "in [0, 1]")
         if not 0 < self.mapper_lambda_init < 1:
             raise ConfigError(
                 f"mapper-lambda-init={self.mapper_lambda_init}: must be in (0, 1) (the mixing "
                 "weight is learned through a sigmoid, which never reaches 0 or 1)"
             )
+
+    def _require(self, keys: tuple[str, ...], ok: Callable[[Any], bool], allowed: str) -> None:
+        for key in keys:
+            value = getattr(self, key.replace("-", "_"))
+            if not ok(value):
+                raise ConfigError(f"{key}={value}: must be {allowed}")
 
     def _validate_init_arch(self, models: tuple[str, ...]) -> None:
         if self.init_arch in INIT_ARCH_MODES:
