@@ -71,8 +71,8 @@ class RunConfig:
     checkpoint_every: int = 0  # save the server state every N rounds (0: never)
     run_name: str = ""  # fixed results folder <results-dir>/<run-name>; a restart resumes it
     fault_injection: str = ""  # testing: 'error|nan|slow:client:round,...' faults on purpose
-    # asynchronous distillation (fedapps/distill; docs/async-distill.md). ``model`` is the small
-    # distilled model the clients train, ``global-model`` the large one only the server holds.
+    # asynchronous distillation (fedapps/distill; README). ``model`` is the small distilled
+    # model the clients train, ``global-model`` the large one only the server holds.
     global_model: str = "cnn-large"
     distill_mode: str = "continuous"  # per-round | continuous (async-distill only)
     distill_epochs: int = 1  # epochs over the unlabeled pool per distillation pass
@@ -86,7 +86,7 @@ class RunConfig:
     channel_dir: str = ""  # empty: <results folder>/channel (async-distill only)
     channel_timeout: float = 300.0  # seconds a server waits for the other before giving up
     target_accuracy: float = 0.9  # summary: first time the global model reaches it
-    # baselines (fedapps/strategies/{hypcluster,fml,pfedme,mapper}.py; docs/comparison.md)
+    # baselines (fedapps/strategies/{hypcluster,fml,pfedme,mapper}.py; README, "Comparing")
     hypcluster_k: int = 2  # number of global models (the FedMe paper's value)
     fml_alpha: float = 0.5  # FML: CE weight of the private model's loss (KL gets 1 - alpha)
     fml_beta: float = 0.5  # FML: CE weight of the shared (meme) model's loss

@@ -6,7 +6,7 @@ Unlike :mod:`fedapps.launch` (Flower's simulation engine), this starts ``flower-
 one ``flower-supernode`` per client, talking over loopback HTTP exactly as separate machines
 would, so it exercises node configs, connections, polling and node failures before a real
 rollout. Everything runs insecure on free 127.0.0.1 ports with a private FLWR_HOME, and every
-process started is killed on exit, also on errors and timeouts (docs/deployment.md).
+process started is killed on exit, also on errors and timeouts (README, "Deployment").
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ METHODS: dict[str, MethodRunner] = {
     "async-averaging": run_async_averaging,
     "async-distillation": run_async_distillation,
     "sync-distill": run_sync_distill,
-    # the FedMe paper's other baselines (docs/comparison.md)
+    # the FedMe paper's other baselines (README, "Comparing strategies")
     "hypcluster": run_hypcluster,
     "fml": run_fml,
     "pfedme": run_pfedme,

@@ -11,7 +11,7 @@ ServerApp) and the asynchronous one (:func:`serve`, a process of its own):
     python -m fedapps.distill.distillation conf/async-digits.toml --set channel-dir=/shared/ch
 
 runs it without Flower, e.g. on a second machine sharing the channel with an ``async-averaging``
-run (docs/async-distill.md, "Deployment").
+run (README, "Asynchronous distillation FL", "Deployment").
 """
 
 from __future__ import annotations
