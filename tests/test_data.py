@@ -123,10 +123,13 @@ def test_client_data_tensors_follow_partition():
 # ------------------------------------------------------------------ partition files
 
 
-def test_partition_file_round_trip(digits, tmp_path):
-    partition = make_partition(digits, num_clients=5, seed=2)
-    path = save_partition(partition, digits, tmp_path / "split.json")
-    loaded = load_partition(path, digits)
+@pytest.mark.parametrize("name", ["digits", "npz"])
+def test_partition_file_round_trip(name, npz_images, tmp_path):
+    dataset = load_dataset(name, str(npz_images) if name == "npz" else "")
+    partition = make_partition(dataset, num_clients=5, unlabeled_size=10, min_client_samples=5,
+                               seed=2)
+    path = save_partition(partition, dataset, tmp_path / "split.json")
+    loaded = load_partition(path, dataset)
     assert np.array_equal(all_indices(partition), all_indices(loaded))
     content = json.loads(path.read_text())
     assert set(content["clients"][0]) == {"train", "val", "test"}
