@@ -9,9 +9,10 @@ aggregates them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from torch import nn
 
 from fedapps.config import RunConfig
@@ -84,3 +85,17 @@ def error_summary(reason: str, limit: int = 300) -> str:
     """The last line of a client's error (Ray wraps it in a long traceback)."""
     lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
     return (lines[-1] if lines else "unknown error")[:limit]
+
+
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by partition id, error replies last by node id.
+
+    Replies arrive in whatever order the clients finish; floating-point sums depend on order,
+    so aggregating in a fixed one is what makes the same seed give the same run, bit for bit.
+    """
+    def key(reply: Message) -> tuple[int, int]:
+        if reply.has_error() or "partition-id" not in reply.content.get("metrics", {}):
+            return (1, int(reply.metadata.src_node_id))
+        return (0, int(reply.content["metrics"]["partition-id"]))
+
+    return sorted(replies, key=key)

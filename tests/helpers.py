@@ -8,8 +8,13 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 
-def message(content: RecordDict, message_type: str, node: int = 1) -> Message:
+def as_server_task() -> None:
+    """Flower only builds messages inside a run; tests pose as run 1's server."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def message(content: RecordDict, message_type: str, node: int = 1) -> Message:
+    as_server_task()
     return Message(content=content, message_type=message_type, dst_node_id=node)
 
 

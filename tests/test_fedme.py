@@ -17,7 +17,7 @@ from fedapps.strategies.fedme import (
     cluster_models,
 )
 from fedapps.training import Optim, mutual_learning_losses, train
-from tests.helpers import context, message, reply_from
+from tests.helpers import as_server_task, context, message, reply_from
 
 
 def test_well_separated_groups_are_found():
@@ -139,11 +139,11 @@ def test_client_keeps_its_model_on_a_tie():
     assert reply.content["metrics"]["adopted"] == 0
 
 
-def fedme_reply(node, strategy, pid, adopted, scale):
+def fedme_reply(node, strategy, pid, adopted, scale, loss=0.5):
     """A reply carrying the client's two models multiplied by ``scale``."""
     own, other = strategy.models[pid], strategy.models[strategy.partner[pid]]
     return reply_from(node, RecordDict({
-        "metrics": MetricRecord({"partition-id": pid, "num-examples": 10, "train-loss": 0.5,
+        "metrics": MetricRecord({"partition-id": pid, "num-examples": 10, "train-loss": loss,
                                  "adopted": int(adopted)}),
         "personal": ArrayRecord({k: v * scale for k, v in own.model.state_dict().items()}),
         "exchange": ArrayRecord({k: v * scale for k, v in other.model.state_dict().items()}),
@@ -151,6 +151,7 @@ def fedme_reply(node, strategy, pid, adopted, scale):
 
 
 def make_strategy(archs):
+    as_server_task()
     config = RunConfig(num_clients=len(archs), cluster_schedule="1:1")
     nodes = {pid: 100 + pid for pid in range(len(archs))}
     strategy = FedMe(config, nodes, dict(enumerate(archs)),
@@ -190,3 +191,21 @@ def test_missing_and_poisoned_replies_are_left_out():
             assert torch.equal(value, before[pid][name])
     assert not torch.equal(strategy.models[0].model.state_dict()["classifier.3.bias"],
                            before[0]["classifier.3.bias"])
+
+
+def test_aggregation_does_not_depend_on_reply_order():
+    """Same seed, same run: replies arriving in another order must give identical bits."""
+    results = []
+    for order in ([0, 1, 2], [2, 1, 0]):
+        torch.manual_seed(0)
+        strategy = make_strategy(["cnn1", "cnn1", "cnn1"])
+        replies = [fedme_reply(100 + p, strategy, p, False, scale=1.0 + 0.1 * p,
+                               loss=0.1 * (p + 1)) for p in order]
+        strategy.aggregate_train(1, replies)
+        results.append((strategy.round_info["train-loss"],
+                        {p: m.model.state_dict() for p, m in strategy.models.items()}))
+    (loss_a, models_a), (loss_b, models_b) = results
+    assert loss_a == loss_b  # 0.1 + 0.2 + 0.3 != 0.3 + 0.2 + 0.1 in floating point
+    for pid, state in models_a.items():
+        for name, value in state.items():
+            assert torch.equal(value, models_b[pid][name]), (pid, name)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedapps.messages import BadModelError, check_state, error_summary
+from fedapps.messages import BadModelError, check_state, error_summary, in_partition_order
 from fedapps.strategies.fedme import RoundLogger, per_client
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class RecordedFedAvg(FedAvg):
     def _usable(self, replies: Iterable[Message]) -> tuple[list[Message], dict[str, str]]:
         reference = self.sent.to_torch_state_dict() if self.sent is not None else {}
         usable, rejected = [], {}
-        for reply in replies:
+        for reply in in_partition_order(replies):
             if reply.has_error():
                 reason = error_summary(reply.error.reason)
                 rejected[str(reply.metadata.src_node_id)] = f"client error: {reason}"

@@ -34,6 +34,7 @@ from fedapps.messages import (
     check_state,
     config_record,
     error_summary,
+    in_partition_order,
     new_model,
 )
 
@@ -245,7 +246,7 @@ class FedMe(Strategy):
         started = time.perf_counter()
         contributions, adopted, losses, rejected, train_times = [], {}, {}, {}, {}
         pid_of = {node: pid for pid, node in self.node_of.items()}
-        for reply in replies:
+        for reply in in_partition_order(replies):
             pid = pid_of.get(reply.metadata.src_node_id)
             if pid is None:
                 continue
@@ -361,7 +362,7 @@ class FedMe(Strategy):
 def per_client(replies: Iterable[Message], key: str) -> dict[int, float]:
     """``{partition id: metric}`` from the replies that carry it (errors are skipped)."""
     values = {}
-    for reply in replies:
+    for reply in in_partition_order(replies):
         if reply.has_error():
             log.warning("error from node %s: %s", reply.metadata.src_node_id,
                         error_summary(reply.error.reason))

@@ -26,7 +26,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedapps.config import RunConfig
-from fedapps.messages import BadModelError, check_state, config_record, new_model
+from fedapps.messages import (
+    BadModelError,
+    check_state,
+    config_record,
+    in_partition_order,
+    new_model,
+)
 from fedapps.strategies.fedme import RoundLogger, average_states
 
 log = logging.getLogger(__name__)
@@ -84,7 +90,7 @@ class HypCluster(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         pid_of = {node: pid for pid, node in self.node_of.items()}
         updates, losses, rejected = [], {}, {}
-        for reply in replies:
+        for reply in in_partition_order(replies):
             pid = pid_of.get(reply.metadata.src_node_id)
             if pid is None:
                 continue
@@ -124,7 +130,7 @@ class HypCluster(Strategy):
                            ) -> MetricRecord | None:
         fields = dict(self.round_info)
         accuracies = {}
-        for reply in replies:
+        for reply in in_partition_order(replies):
             if reply.has_error():
                 log.warning("evaluation error: %s", reply.error.reason)
                 continue

@@ -26,7 +26,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedapps.config import RunConfig
-from fedapps.messages import BadModelError, check_state, config_record, new_model
+from fedapps.messages import (
+    BadModelError,
+    check_state,
+    config_record,
+    in_partition_order,
+    new_model,
+)
 from fedapps.strategies.fedme import RoundLogger, average_states
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,7 @@ class SharedAndPersonal(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         pid_of = {node: pid for pid, node in self.node_of.items()}
         updates, sizes, metrics, rejected = [], [], {}, {}
-        for reply in replies:
+        for reply in in_partition_order(replies):
             pid = pid_of.get(reply.metadata.src_node_id)
             if pid is None:
                 continue
