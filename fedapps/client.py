@@ -48,8 +48,15 @@ def optim_of(config: RunConfig) -> Optim:
                  config.batch_size)
 
 
+DEVICE_PATHS = ("data-path", "partition-file")
+
+
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, ClientData, torch.device]:
-    config = run_config_of(msg.content)
+    # A real device keeps its data (and partition file) wherever it likes: node config
+    # 'data-path=/data/femnist' overrides the run's path on that SuperNode only.
+    local = {key: str(context.node_config[key]) for key in DEVICE_PATHS
+             if key in context.node_config}
+    config = run_config_of(msg.content, local)
     pid = partition_id(context, config)
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     return config, pid, client_data(config, pid), training.resolve_device(config.device)

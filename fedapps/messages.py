@@ -9,7 +9,7 @@ aggregates them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -31,9 +31,10 @@ def config_record(config: RunConfig, **extra: int | float | str | bool) -> Confi
     return ConfigRecord({**config.to_dict(), **extra})
 
 
-def run_config_of(content: RecordDict) -> RunConfig:
-    record = content[CONFIG_KEY]
-    return _parse_config(tuple(sorted((k, v) for k, v in record.items() if k not in ROUND_KEYS)))
+def run_config_of(content: RecordDict, local: Mapping[str, str] | None = None) -> RunConfig:
+    """The server's run config; ``local`` replaces keys that differ per device (file paths)."""
+    items = {k: v for k, v in content[CONFIG_KEY].items() if k not in ROUND_KEYS}
+    return _parse_config(tuple(sorted({**items, **(local or {})}.items())))
 
 
 @functools.lru_cache(maxsize=16)
