@@ -2,7 +2,9 @@ import json
 
 import numpy as np
 import pytest
+from flwr.app import RecordDict
 
+from fedapps.client import describe
 from fedapps.config import ConfigError, RunConfig
 from fedapps.data import (
     DataError,
@@ -12,6 +14,8 @@ from fedapps.data import (
     make_partition,
     save_partition,
 )
+from fedapps.messages import config_record
+from tests.helpers import context, message
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +166,6 @@ def test_partition_file_errors_name_client_and_index(digits, tmp_path, edit, mes
 
 def test_a_device_reads_its_own_copy_of_the_data(npz_images, tmp_path):
     """A SuperNode's node config may say where its data lives, overriding the run's data-path."""
-    from flwr.app import RecordDict
-
-    from fedapps import client
-    from fedapps.messages import config_record
-    from tests.helpers import context, message
-
     server_copy = tmp_path / "server" / "toy.npz"
     server_copy.parent.mkdir()
     server_copy.write_bytes(npz_images.read_bytes())
@@ -176,9 +174,9 @@ def test_a_device_reads_its_own_copy_of_the_data(npz_images, tmp_path):
     query = message(RecordDict({"config": config_record(run)}), "query")
     server_copy.unlink()  # the device does not have the server's path
     with pytest.raises(ConfigError, match="no such file"):
-        client.describe(query, context(1, 3))
+        describe(query, context(1, 3))
     device = context(1, 3)
     device.node_config["data-path"] = str(npz_images)
-    reply = client.describe(query, device)
+    reply = describe(query, device)
     expected = client_data(run.replace(data_path=str(npz_images)), 1)
     assert reply.content["metrics"]["num-examples"] == len(expected.train)
