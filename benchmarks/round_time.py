@@ -10,7 +10,7 @@ Prints tables and writes ``benchmarks/results/round_time.json``:
    k-means, message packing (serialization), aggregation, and the rest (Flower's own overhead plus
    evaluation), from the per-round timings in ``rounds.jsonl``; plus the run's fixed start-up cost.
 2. The same FedMe rounds without Flower's runtime: the same strategy object and the same client
-   handlers called directly in this process (:class:`InProcessGrid`), same data, seeds, epochs.
+   handlers called directly in this process (:class:`fedapps.inprocess.InProcessGrid`), same data, seeds, epochs.
    Ratio = Flower round time / in-process round time.
 3. Peak memory (this process and all its children, e.g. Ray workers) at 20 and 100 clients.
 4. Scaling: FedMe round time at 10, 20, 50, 100 clients and with unlabeled pools of 100-800.
@@ -25,19 +25,14 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import psutil
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedapps import server
-from fedapps.client import HANDLERS
-from fedapps.config import RunConfig
-from fedapps.launch import app_defaults
+from fedapps.inprocess import run_in_process
 from fedapps.results import read_rounds
 from fedapps.simulation import simulate
 
@@ -46,29 +41,6 @@ OUT = Path(__file__).parent / "results"
 BASE = {"num-rounds": 5, "local-epochs": 2, "init-arch": "random", "cluster-schedule": "1:1,3:2",
         "finetune-epochs": 0, "seed": 0, "partitioner": "iid", "min-client-samples": 5}
 PARALLEL_CLIENTS = 2  # Ray actors on this 2-core machine (client-resources-num-cpus=1)
-
-
-class InProcessGrid:
-    """The part of Flower's Grid the strategies use, answered by calling the handlers directly."""
-
-    def __init__(self, num_nodes: int) -> None:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                          node_config={"partition-id": node - 1, "num-partitions": num_nodes})
-            for node in range(1, num_nodes + 1)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None):
-        replies = []
-        for message in messages:
-            kind, _, action = message.metadata.message_type.partition(".")
-            handler = HANDLERS[(kind, action)]
-            replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
-        return replies
 
 
 class PeakMemory:
@@ -128,12 +100,7 @@ def flower_run(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def in_process_run(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The same server run, its messages answered in this process: no Flower runtime."""
-    values = {**app_defaults(), **settings}
-    config = RunConfig.from_mapping(values)
-    grid = InProcessGrid(config.num_clients)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=values)
-    folder = server.run(grid, context)
+    folder = run_in_process(settings)
     return {"settings": dict(settings), "breakdown": breakdown(read_rounds(folder))}
 
 

@@ -1,0 +1,53 @@
+"""Run a server in this process, its messages answered by the client handlers directly.
+
+No Flower runtime (no Ray, no SuperLink): the same :func:`fedapps.server.run`, the same
+strategies and the same client handlers, one client after another. Benchmarks use it to
+measure Flower's overhead and to run many accuracy runs side by side, one process per core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedapps import server
+from fedapps.client import HANDLERS
+from fedapps.config import RunConfig
+from fedapps.launch import app_defaults
+
+
+class InProcessGrid:
+    """The part of Flower's Grid the strategies use, answered by calling the handlers directly."""
+
+    def __init__(self, num_nodes: int) -> None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                          node_config={"partition-id": node - 1, "num-partitions": num_nodes})
+            for node in range(1, num_nodes + 1)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None):
+        replies = []
+        for message in messages:
+            kind, _, action = message.metadata.message_type.partition(".")
+            handler = HANDLERS[(kind, action)]
+            replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
+        return replies
+
+
+def run_in_process(settings: Mapping[str, Any]) -> Path:
+    """The app defaults with ``settings`` on top, run without Flower; returns the results folder."""
+    values = {**app_defaults(), **settings}
+    config = RunConfig.from_mapping(values)
+    grid = InProcessGrid(config.num_clients)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=values)
+    return server.run(grid, context)
