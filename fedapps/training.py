@@ -6,7 +6,9 @@ evaluation and batched inference all live here, so the Flower layer only moves t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -189,6 +191,39 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
     model.to(device).eval()
     outputs = [model(xb.to(device)).float().cpu() for xb, _ in batches(x, None, batch_size, None)]
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the whole machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads, then restore the caller's setting.
+
+    The setting is per OS thread, and whoever ran before may have lowered it: client handlers
+    set one thread (``fedapps.client``), so in-process runs leave the server on one core, and
+    Ray's cluster launcher exports OMP_NUM_THREADS=1 to the commands it runs on nodes.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def predict_all(
+    models: Sequence[nn.Module], x: torch.Tensor, device: torch.device
+) -> list[torch.Tensor]:
+    """Every model's logits on ``x``, on all cores: the server's pool inference.
+
+    The clients are idle while the server runs the models on its unlabeled pool, so the pass
+    may take the whole machine (on a GPU the thread count only affects host-side work).
+    """
+    with torch_threads(available_cores()):
+        return [predict(model, x, device) for model in models]
 
 
 @torch.inference_mode()
