@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedapps import training
+from fedapps import training, tuning
 from fedapps.config import RunConfig
 from fedapps.data import ClientData, client_data, partition_for
 from fedapps.messages import from_arrays, new_model, run_config_of
@@ -92,25 +92,42 @@ def _eval_metrics(prefix: str, result: training.EvalResult) -> dict[str, float]:
 def describe(msg: Message, context: Context) -> Message:
     """Query: who am I, how much data, and (``init-arch=local-best``) my best architecture.
 
-    local-best trains each candidate from scratch for ``local-best-epochs`` and keeps the one
-    with the lowest validation loss, as the FedMe paper chooses initial architectures.
+    local-best is the paper's choice (:func:`fedapps.tuning.choose_local_best`): every
+    candidate trained alone with early stopping, the highest validation accuracy kept. It takes
+    minutes on real data, so each candidate prints a progress line.
     """
     config, pid, data, device = _setup(msg, context)
-    arch = ""
+    info = ConfigRecord()
     if config.method == "fedme" and config.init_arch == "local-best":
-        losses = {}
-        for name in config.candidates:
-            torch.manual_seed(config.seed)
-            model = new_model(name, config)
-            training.train(model, data.train.x, data.train.y, config.local_best_epochs,
-                           optim_of(config), generator(config, "local-best", pid), device)
-            losses[name] = training.evaluate(model, data.val.x, data.val.y, device).loss
-        arch = min(losses, key=losses.get)
-    return _reply(
-        msg,
-        {"partition-id": pid, "num-examples": len(data.train)},
-        info=ConfigRecord({"arch": arch}),
+        info = local_best(config, pid, data, device)
+    return _reply(msg, {"partition-id": pid, "num-examples": len(data.train),
+                        "num-val": len(data.val)}, info=info)
+
+
+def local_best(config: RunConfig, pid: int, data: ClientData, device: torch.device) -> ConfigRecord:
+    """This client's best candidate and every candidate's figures (the server may pool them)."""
+    started = time.perf_counter()
+
+    def build(name: str) -> torch.nn.Module:
+        torch.manual_seed(config.seed)
+        return new_model(name, config)
+
+    def progress(line: str) -> None:
+        print(f"fedapps: client {pid} local-best {line} "
+              f"(t={time.perf_counter() - started:.1f}s)", flush=True)
+
+    arch, results = tuning.choose_local_best(
+        config.candidates, build, data.train, data.val, config.local_best_epochs,
+        config.local_best_patience, optim_of(config),
+        lambda name: generator(config, "local-best", pid, name), device, progress,
     )
+    progress(f"chose {arch}")
+    return ConfigRecord({
+        "candidates": [r.name for r in results],
+        "val-accuracy": [r.accuracy for r in results],
+        "val-loss": [r.loss for r in results],
+        "best-epoch": [r.best_epoch for r in results],
+    })
 
 
 def train_global(msg: Message, context: Context) -> Message:
@@ -131,11 +148,11 @@ def train_global(msg: Message, context: Context) -> Message:
 
 
 def train_mutual(msg: Message, context: Context) -> Message:
-    """FedMe client round: deep mutual learning, then the adoption decision on validation loss.
+    """FedMe client round: deep mutual learning, then the adoption decision on validation.
 
-    The exchange model is adopted only when its validation loss is *strictly* lower. The
-    decision is made on this client's DML-trained copy; the server then hands the client the
-    AGGREGATED version of the chosen model (paper's rule, made explicit).
+    ``adoption-rule`` (:class:`fedapps.tuning.AdoptionRule`; the paper: strictly lower
+    validation loss). The decision is made on this client's DML-trained copy; the server then
+    hands the client the AGGREGATED version of the chosen model (paper's rule, made explicit).
     """
     config, pid, data, device = _setup(msg, context)
     info = msg.content["fedme"]
@@ -151,7 +168,9 @@ def train_mutual(msg: Message, context: Context) -> Message:
     )
     val_p = training.evaluate(personal, data.val.x, data.val.y, device)
     val_ex = training.evaluate(exchange, data.val.x, data.val.y, device)
-    adopt = val_ex.loss < val_p.loss
+    rule = tuning.AdoptionRule.of(config)
+    same_arch = str(info["personal-arch"]) == str(info["exchange-arch"])
+    adopt = rule.adopt(val_p, val_ex, same_arch, server_round)
     return _reply(
         msg,
         {
@@ -161,6 +180,8 @@ def train_mutual(msg: Message, context: Context) -> Message:
             "exchange-train-loss": loss_ex,
             "val-loss": val_p.loss,
             "exchange-val-loss": val_ex.loss,
+            "val-accuracy": val_p.accuracy,
+            "exchange-val-accuracy": val_ex.accuracy,
             "adopted": int(adopt),
             "train-s": time.perf_counter() - started,
         },

@@ -20,6 +20,10 @@ CLUSTER_INPUTS = ("softmax", "logits")
 WEIGHTINGS = ("uniform", "samples")
 DEVICES = ("auto", "cpu", "cuda")
 DISTILL_MODES = ("per-round", "continuous")
+GLOBAL_TESTS = ("server", "clients")  # where the global model is tested (fedapps/distill)
+# FedMe adoption (fedapps/tuning.py): loss (the paper), accuracy (ties keep the personal
+# model), population (the paper's rule; structure changes only on the population's evidence)
+ADOPTION_RULES = ("loss", "accuracy", "population")
 
 
 class ConfigError(ValueError):
@@ -45,7 +49,12 @@ class RunConfig:
     model: str = "cnn2"
     candidate_models: str = "cnn1,cnn2,cnn3,cnn4"
     init_arch: str = "local-best"
-    local_best_epochs: int = 30  # long enough that small models do not win just by learning fast
+    local_best_epochs: int = 30  # epoch budget per candidate for init-arch=local-best
+    local_best_patience: int = 5  # early stopping: epochs without a better validation result
+    local_best_pooling: float = 50.0  # pseudo-count shrinking local-best to all clients (0: paper)
+    adoption_rule: str = "loss"  # FedMe: loss (the paper) | accuracy | population
+    adoption_margin: float = 0.0  # how much better the exchange model must be to be adopted
+    adoption_warmup: int = 0  # rounds in which only a model of the own architecture is adopted
     num_rounds: int = 20
     local_epochs: int = 2
     batch_size: int = 20
@@ -86,6 +95,10 @@ class RunConfig:
     channel_dir: str = ""  # empty: <results folder>/channel (async-distill only)
     channel_timeout: float = 300.0  # seconds a server waits for the other before giving up
     target_accuracy: float = 0.9  # summary: first time the global model reaches it
+    initial_forward_distill: int = 1  # 1: first small model = forward-distilled global (paper)
+    global_test: str = "server"  # server: held-out share of its pool | clients: their tests
+    global_test_fraction: float = 0.5  # share of the server pool held out to test the global
+    snapshot_every_s: float = 2.0  # global-model snapshot grid (tested after the run); 0: passes
     # baselines (fedapps/strategies/{hypcluster,fml,pfedme,mapper}.py; README, "Comparing")
     hypcluster_k: int = 2  # number of global models (the FedMe paper's value)
     fml_alpha: float = 0.5  # FML: CE weight of the private model's loss (KL gets 1 - alpha)
@@ -191,6 +204,7 @@ class RunConfig:
         _one_of("cluster-on", self.cluster_on, CLUSTER_INPUTS)
         _one_of("aggregation-weighting", self.aggregation_weighting, WEIGHTINGS)
         _one_of("device", self.device, DEVICES)
+        _one_of("adoption-rule", self.adoption_rule, ADOPTION_RULES)
         _one_of("model", self.model, tuple(MODELS))
         for name in self.candidates:
             _one_of("candidate-models", name, tuple(MODELS))
@@ -203,7 +217,10 @@ class RunConfig:
                        "kmeans-restarts", "min-replies"), lambda v: v >= 1, ">= 1")
         self._require(("local-epochs", "finetune-epochs", "local-best-epochs",
                        "min-client-samples", "momentum", "weight-decay", "clip-norm",
-                       "dml-kl-weight", "checkpoint-every"), lambda v: v >= 0, ">= 0")
+                       "dml-kl-weight", "checkpoint-every", "adoption-margin",
+                       "local-best-pooling",
+                       "adoption-warmup"), lambda v: v >= 0, ">= 0")
+        self._require(("local-best-patience",), lambda v: v >= 1, ">= 1")
         self._require(("val-fraction", "test-fraction"), lambda v: 0 <= v < 1, "in [0, 1)")
         self._require(("fraction-train",), lambda v: 0 < v <= 1, "in (0, 1]")
         if self.run_name and ("/" in self.run_name or self.run_name.startswith(".")):
@@ -239,6 +256,10 @@ class RunConfig:
         self._require(("distill-epochs", "forward-distill-every", "distill-delay",
                        "distill-threads"), lambda v: v >= 0, ">= 0")
         self._require(("target-accuracy",), lambda v: 0 < v <= 1, "in (0, 1]")
+        _one_of("global-test", self.global_test, GLOBAL_TESTS)
+        self._require(("global-test-fraction",), lambda v: 0 < v < 1, "in (0, 1)")
+        self._require(("snapshot-every-s",), lambda v: v >= 0, ">= 0")
+        self._require(("initial-forward-distill",), lambda v: v in (0, 1), "0 or 1")
         if self.method in ("async-averaging", "async-distillation") and not self.channel_dir:
             raise ConfigError(
                 f"method='{self.method}' runs one half of async-distill and needs channel-dir: "

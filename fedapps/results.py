@@ -79,6 +79,7 @@ class RunRecorder:
         write_json(path, {"method": self.config.method, "dataset": self.config.dataset,
                           "wall-time-s": round(self.elapsed(), 2), **summary})
         plot_run(self.folder)
+        plot_architectures(self.folder)
         return path
 
 
@@ -136,6 +137,30 @@ def plot_run(folder: str | Path, rows: Sequence[Mapping[str, Any]] | None = None
     fig.suptitle(Path(folder).name)
     fig.tight_layout()
     path = Path(folder) / "accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_architectures(folder: str | Path) -> Path | None:
+    """Clients per architecture by round (the FedMe paper's Table 3 over time)."""
+    rows = [r for r in read_rounds(folder) if r.get("architectures")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({name for r in rows for name in r["architectures"]})
+    rounds = [r["round"] for r in rows]
+    fig, axis = plt.subplots(figsize=(6, 3.5))
+    axis.stackplot(rounds, [[r["architectures"].get(n, 0) for r in rows] for n in names],
+                   labels=names, alpha=0.85)
+    axis.set(xlabel="round", ylabel="clients", title="clients per architecture")
+    axis.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    path = Path(folder) / "architectures.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedapps import tuning
 from fedapps.config import RunConfig
 from fedapps.data import dataset_for, partition_for, save_partition, unlabeled_inputs
 from fedapps.distill.averaging import (
@@ -99,7 +100,8 @@ def discover_clients(grid: Grid, config: RunConfig, expected: int) -> dict[int, 
         clients[pid] = {
             "node": reply.metadata.src_node_id,
             "num-examples": int(metrics["num-examples"]),
-            "arch": str(reply.content["info"]["arch"]),
+            "num-val": int(metrics.get("num-val", 0)),
+            "local-best": candidate_results(reply.content["info"]),
         }
     missing = sorted(set(range(expected)) - set(clients))
     if missing:
@@ -107,11 +109,25 @@ def discover_clients(grid: Grid, config: RunConfig, expected: int) -> dict[int, 
     return clients
 
 
+def candidate_results(info: ConfigRecord) -> list[tuning.CandidateResult]:
+    """A client's local-best figures per candidate (empty when it trained none)."""
+    if "candidates" not in info:
+        return []
+    return [
+        tuning.CandidateResult(str(name), float(accuracy), float(loss), 0, int(epoch))
+        for name, accuracy, loss, epoch in zip(info["candidates"], info["val-accuracy"],
+                                               info["val-loss"], info["best-epoch"])
+    ]
+
+
 def initial_architectures(config: RunConfig, clients: Mapping[int, Mapping[str, Any]]):
     """init-arch: local-best (clients chose), random (seeded), one name, or one per client."""
     pids = sorted(clients)
     if config.init_arch == "local-best":
-        return {pid: clients[pid]["arch"] for pid in pids}
+        return tuning.pooled_choice(
+            {pid: clients[pid]["local-best"] for pid in pids},
+            {pid: clients[pid]["num-val"] for pid in pids}, config.local_best_pooling,
+        )
     if config.init_arch == "random":
         rng = np.random.default_rng(config.seed)
         return {pid: str(rng.choice(config.candidates)) for pid in pids}
@@ -138,6 +154,7 @@ def run_fedme(grid, config, clients, recorder) -> dict[str, Any]:
     final = strategy.final_models()
     return {
         **finetune_summary(finetune_clients(grid, config, clients, final)),
+        "initial-architectures": {str(p): arch for p, arch in sorted(archs.items())},
         "architectures": {str(p): arch for p, (arch, _) in sorted(final.items())},
     }
 

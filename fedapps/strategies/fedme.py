@@ -13,6 +13,7 @@ pass per model; clients run in parallel through Flower.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from sklearn.cluster import KMeans
 from torch import nn
 
-from fedapps import training
+from fedapps import training, tuning
 from fedapps.config import RunConfig
 from fedapps.messages import (
     BadModelError,
@@ -50,6 +51,7 @@ class Clustering:
     requested_k: int
     used_k: int
     note: str = ""
+    inference_s: float = 0.0  # seconds spent running the models on U
 
 
 def cluster_models(features: np.ndarray, k: int, seed: int, restarts: int = 10) -> Clustering:
@@ -149,6 +151,8 @@ class ClientModel:
 
 RoundLogger = Callable[..., object]
 
+VALIDATION_KEYS = ("val-loss", "exchange-val-loss", "val-accuracy", "exchange-val-accuracy")
+
 
 class FedMe(Strategy):
     """Keeps every client's personalized model and architecture; one message per node.
@@ -180,6 +184,8 @@ class FedMe(Strategy):
             )
         self.partner: dict[int, int] = {}
         self.round_info: dict[str, object] = {}
+        self.rule = tuning.AdoptionRule.of(config)
+        self.evidence: dict[tuning.Pair, float] = {}  # architecture quality gains, smoothed
 
     # --------------------------------------------------------------------- train
     def configure_train(
@@ -188,14 +194,8 @@ class FedMe(Strategy):
         """Cluster ALL models, then pair the round's participants within their clusters."""
         started = time.perf_counter()
         pids = sorted(self.models)
-        outputs = [training.predict(self.models[p].model, self.unlabeled, self.device)
-                   for p in pids]
-        features = np.stack([model_features(o, self.config.cluster_on) for o in outputs])
-        inferred = time.perf_counter()
-        clustering = cluster_models(
-            features, self.config.clusters_at(server_round), self.config.seed + server_round,
-            self.config.kmeans_restarts,
-        )
+        clustering = self._cluster(pids, server_round)
+        cluster_s = time.perf_counter() - started
         if clustering.note:
             log.warning("round %d: %s", server_round, clustering.note)
         cluster_of = dict(zip(pids, clustering.labels))
@@ -208,14 +208,28 @@ class FedMe(Strategy):
             "clusters": {str(p): int(c) for p, c in cluster_of.items()},
             "exchange": {str(p): q for p, q in self.partner.items()},
             "clustering-note": clustering.note,
-            "server-outputs-s": round(inferred - started, 4),
-            "server-kmeans-s": round(time.perf_counter() - inferred, 4),
-            "server-cluster-s": round(time.perf_counter() - started, 4),
+            "server-outputs-s": round(clustering.inference_s, 4),
+            "server-kmeans-s": round(cluster_s - clustering.inference_s, 4),
+            "server-cluster-s": round(cluster_s, 4),
         }
         packed = time.perf_counter()
         messages = [self._train_message(pid, server_round, config) for pid in participants]
         self.round_info["server-messages-s"] = round(time.perf_counter() - packed, 4)
         return messages
+
+    def _cluster(self, pids: list[int], server_round: int) -> Clustering:
+        """k-means on the models' outputs on U; K = 1 needs neither outputs nor k-means."""
+        k = self.config.clusters_at(server_round)
+        if k == 1:
+            return Clustering(np.zeros(len(pids), dtype=int), 1, 1)
+        started = time.perf_counter()
+        outputs = training.predict_all([self.models[p].model for p in pids], self.unlabeled,
+                                       self.device)
+        features = np.stack([model_features(o, self.config.cluster_on) for o in outputs])
+        inference_s = time.perf_counter() - started
+        clustering = cluster_models(features, k, self.config.seed + server_round,
+                                    self.config.kmeans_restarts)
+        return dataclasses.replace(clustering, inference_s=inference_s)
 
     def _participants(self, pids: list[int]) -> list[int]:
         """``fraction-train`` of the clients (at least two, to exchange), drawn with the seed."""
@@ -245,6 +259,7 @@ class FedMe(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         started = time.perf_counter()
         contributions, adopted, losses, rejected, train_times = [], {}, {}, {}, {}
+        validation: dict[int, dict[str, float]] = {}
         pid_of = {node: pid for pid, node in self.node_of.items()}
         for reply in in_partition_order(replies):
             pid = pid_of.get(reply.metadata.src_node_id)
@@ -257,7 +272,7 @@ class FedMe(Strategy):
                 log.warning("round %d: reply of client %d rejected: %s", server_round, pid, error)
                 continue
             contributions += pieces[0]
-            adopted[pid], losses[pid] = pieces[1], pieces[2]
+            adopted[pid], losses[pid], validation[pid] = pieces[1], pieces[2], pieces[3]
             train_times[pid] = float(reply.content["metrics"].get("train-s", 0.0))
         replied = set(adopted)
         self.round_info.update(replies=len(replied), rejected=rejected)
@@ -272,9 +287,16 @@ class FedMe(Strategy):
         for owner, state in merged.items():
             self.models[owner].model.load_state_dict(state)
         aggregated = dict(self.models)  # adoptions copy these, not models replaced meanwhile
+        self.evidence = tuning.smooth_evidence(self.evidence, tuning.pair_gains(
+            (v["arch"], v["exchange-arch"], v["exchange-val-accuracy"] - v["val-accuracy"])
+            for v in validation.values() if "val-accuracy" in v
+        ))
         adoptions = {
-            p: self.partner[p] for p, a in adopted.items() if a and self.partner[p] in merged
+            p: self.partner[p] for p, a in adopted.items()
+            if a and self.partner[p] in merged and self.rule.allows_structure_change(
+                self.evidence, self.models[p].arch, self.models[self.partner[p]].arch)
         }
+        pairs = Counter(f"{self.models[p].arch}>{aggregated[q].arch}" for p, q in adoptions.items())
         for pid, source in adoptions.items():
             chosen = aggregated[source]
             model = new_model(chosen.arch, self.config)
@@ -283,13 +305,18 @@ class FedMe(Strategy):
         train_loss = float(np.mean(list(losses.values())))
         self.round_info.update({
             "adoptions": {str(p): q for p, q in adoptions.items()},
+            "adoption-pairs": dict(sorted(pairs.items())),
+            "validation": {str(p): v for p, v in validation.items()},
+            "structure-evidence": {f"{a}<{b}": round(g, 4) for (a, b), g in self.evidence.items()},
             "train-loss": train_loss,
             "client-train-s": round(sum(train_times.values()), 4),
             "server-aggregate-s": round(time.perf_counter() - started, 4),
         })
         return None, MetricRecord({"train-loss": train_loss})
 
-    def _unpack(self, pid: int, reply: Message) -> tuple[list[Contribution], bool, float]:
+    def _unpack(
+        self, pid: int, reply: Message
+    ) -> tuple[list[Contribution], bool, float, dict[str, float | str]]:
         if reply.has_error():
             raise ValueError(f"client error: {error_summary(reply.error.reason)}")
         content = reply.content
@@ -300,7 +327,12 @@ class FedMe(Strategy):
             state = content[key].to_torch_state_dict()
             check_state(self.models[owner].arch, state, self.models[owner].model.state_dict())
             pieces.append(Contribution(owner, pid, state, num))
-        return pieces, bool(metrics["adopted"]), float(metrics["train-loss"])
+        # The evidence behind the adoption decision (README, "Why tuning drifted").
+        validation = {
+            "arch": self.models[pid].arch, "exchange-arch": self.models[self.partner[pid]].arch,
+            **{key: float(metrics[key]) for key in VALIDATION_KEYS if key in metrics},
+        }
+        return pieces, bool(metrics["adopted"]), float(metrics["train-loss"]), validation
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
@@ -330,11 +362,19 @@ class FedMe(Strategy):
         if accuracies:
             values = list(accuracies.values())
             fields.update(accuracy=float(np.mean(values)), **{"accuracy-sd": float(np.std(values))},
-                          **{"client-accuracy": {str(p): a for p, a in accuracies.items()}})
+                          **{"client-accuracy": {str(p): a for p, a in accuracies.items()}},
+                          **{"accuracy-by-arch": self._accuracy_by_arch(accuracies)})
         self.on_round(server_round, **fields)
         if not accuracies:
             return None
         return MetricRecord({"accuracy": fields["accuracy"]})
+
+    def _accuracy_by_arch(self, accuracies: Mapping[int, float]) -> dict[str, float]:
+        """Mean test accuracy of the clients that hold each architecture now."""
+        grouped: dict[str, list[float]] = {}
+        for pid, accuracy in accuracies.items():
+            grouped.setdefault(self.models[pid].arch, []).append(accuracy)
+        return {arch: float(np.mean(values)) for arch, values in sorted(grouped.items())}
 
     def summary(self) -> None:
         log.info("FedMe: %d clients, K schedule %s, clustering on %s",
@@ -346,6 +386,7 @@ class FedMe(Strategy):
             "models": {p: (m.arch, m.model.state_dict(), m.num_examples)
                        for p, m in self.models.items()},
             "rng": self.rng.bit_generator.state,
+            "evidence": dict(self.evidence),
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -354,6 +395,7 @@ class FedMe(Strategy):
             model.load_state_dict(weights)
             self.models[pid] = ClientModel(arch, model, num_examples)
         self.rng.bit_generator.state = state["rng"]
+        self.evidence = dict(state["evidence"])
 
     def final_models(self) -> dict[int, tuple[str, ArrayRecord]]:
         return {p: (m.arch, ArrayRecord(m.model.state_dict())) for p, m in self.models.items()}
