@@ -2,8 +2,10 @@
 
 FedMe's candidate families (the paper's four depths each): ``cnn1``-``cnn4`` (FEMNIST-style, with
 a ReLU between convolutions, unlike the authors' code), ``vgg11``-``vgg19`` (no BatchNorm, as in
-the paper) and ``lstm1``-``lstm4`` (next-character prediction). ``cnn-small`` and ``cnn-large``
-are the distilled and global models of the asynchronous distillation scheme.
+the paper) and ``lstm1``-``lstm4`` (next-character prediction). The asynchronous distillation
+scheme's distilled (small) and global (large) models: ``cnn-distill6`` / ``cnn-global12``, the
+paper's depths (6 and 12 weight layers: 4 and 10 convolutions, each followed by 2 linear layers),
+and the earlier, shallower ``cnn-small`` / ``cnn-large``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ InputShape = tuple[int, ...]
 class ConvNet(nn.Module):
     """3x3 conv + ReLU blocks; 2x2 max-pooling after the first convs while the map is >= 8 wide.
 
-    The map is then pooled to a size fixed by the input (a quarter of its width), so the
-    classifier's input does not shrink with depth and deeper models are strictly larger.
+    The map is then pooled to a size fixed by the input (a quarter of its width, or ``side``),
+    so the classifier's input does not shrink with depth and deeper models are strictly larger.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class ConvNet(nn.Module):
         channels: Sequence[int],
         hidden: int = 128,
         max_pools: int = 2,
+        side: int | None = None,
     ) -> None:
         super().__init__()
         in_channels, height, width = input_shape
@@ -41,7 +44,7 @@ class ConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 height, width, pools = height // 2, width // 2, pools + 1
             in_channels = out_channels
-        side = max(1, min(input_shape[1:]) // 4)
+        side = side or max(1, min(input_shape[1:]) // 4)
         layers.append(nn.AdaptiveMaxPool2d(side))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
@@ -128,6 +131,15 @@ MODELS: dict[str, ModelBuilder] = {
     "cnn-small": lambda shape, classes: ConvNet(shape, classes, [16, 32], hidden=64),
     "cnn-large": lambda shape, classes: ConvNet(
         shape, classes, [64, 64, 128, 128, 256, 256], hidden=256
+    ),
+    # The paper's depths. Three pools bring 32x32 down to 4x4 early, which keeps a 10-conv
+    # model affordable on a CPU; a 2x2 map into the classifier keeps its first layer small.
+    "cnn-distill6": lambda shape, classes: ConvNet(
+        shape, classes, [16, 32, 64, 64], hidden=64, max_pools=3, side=2
+    ),
+    "cnn-global12": lambda shape, classes: ConvNet(
+        shape, classes, [32, 32, 64, 64, 64, 64, 128, 128, 128, 128], hidden=256, max_pools=3,
+        side=2,
     ),
 }
 

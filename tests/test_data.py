@@ -14,6 +14,7 @@ from fedapps.data import (
     make_partition,
     save_partition,
 )
+from fedapps.data.shapes import SHAPES, make_shapes
 from fedapps.messages import config_record
 from tests.helpers import context, message
 
@@ -180,3 +181,31 @@ def test_a_device_reads_its_own_copy_of_the_data(npz_images, tmp_path):
     reply = describe(query, device)
     expected = client_data(run.replace(data_path=str(npz_images)), 1)
     assert reply.content["metrics"]["num-examples"] == len(expected.train)
+
+
+def test_shapes_are_deterministic_balanced_colour_images():
+    x, y = make_shapes(200, seed=5)
+    again, other = make_shapes(200, seed=5), make_shapes(200, seed=6)
+    assert x.shape == (200, 3, 32, 32) and x.dtype == np.float32 and y.dtype == np.int64
+    assert x.min() >= -1 and x.max() <= 1
+    assert np.bincount(y).tolist() == [20] * 10
+    assert np.array_equal(x, again[0]) and np.array_equal(y, again[1])
+    assert not np.array_equal(x, other[0])
+
+
+def test_every_shape_class_draws_its_own_shape():
+    v, u = np.mgrid[-1:1:64j, -1:1:64j]
+    masks = [inside(u, v) for _, inside in SHAPES]
+    assert all(mask.any() for mask in masks)
+    assert len({mask.tobytes() for mask in masks}) == len(SHAPES) == 10
+
+
+def test_shapes_is_a_registered_data_set():
+    shapes = load_dataset("shapes")
+    assert len(shapes) == 12_000 and shapes.input_shape == (3, 32, 32)
+    assert shapes.num_classes == 10
+
+
+def test_shapes_needs_one_image_per_class():
+    with pytest.raises(ValueError, match="num_samples=5: need at least one image per class"):
+        make_shapes(5)

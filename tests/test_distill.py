@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedapps.config import ConfigError, RunConfig
+from fedapps.data import client_data, dataset_for, partition_for
+from fedapps.distill.averaging import HookedFedAvg
 from fedapps.distill.channel import DirectoryChannel
 from fedapps.distill.distillation import (
     Distiller,
@@ -14,8 +20,10 @@ from fedapps.distill.distillation import (
     initial_small_state,
     read_log,
     serve,
+    server_data,
 )
 from fedapps.training import predict, soft_kl
+from tests.helpers import as_server_task, reply_from
 
 FAST = {"model": "cnn-small", "global-model": "cnn2", "num-clients": 3, "distill-epochs": 3,
         "distill-lr": 0.05, "unlabeled-size": 300}
@@ -101,6 +109,73 @@ def test_forward_models_are_offered_every_n_passes(tmp_path):
     assert offered.version == 1 and offered.meta == {"based-on": 1}
 
 
+@pytest.mark.parametrize("first_step", [1, 0])
+def test_first_small_model_is_the_forward_distilled_global_model_unless_skipped(
+    tmp_path, first_step
+):
+    cfg = config(distill_mode="per-round", initial_forward_distill=first_step,
+                 channel_dir=str(tmp_path))
+    channel = DirectoryChannel(tmp_path)
+    channel.publish("distilled", initial_small_state(cfg), version=1)
+    channel.publish("stop", {}, version=1)
+    serve(cfg, channel, GlobalLog(tmp_path / "global.jsonl"))
+    first, fresh = channel.latest("forward"), initial_small_state(cfg)
+    assert first.version == 0 and first.meta == {"based-on": 0}
+    initial_global = Distiller(cfg)  # the same seeded initial global model
+    x = initial_global.unlabeled
+    target = predict(initial_global.model, x, initial_global.device)
+
+    def kl(state) -> float:
+        outputs = predict(initial_global.small(state), x, initial_global.device)
+        return float(soft_kl(outputs, target, 2.0))
+
+    if first_step:
+        assert kl(first.state) < kl(fresh)
+    else:
+        assert all(torch.equal(first.state[k], fresh[k]) for k in fresh)
+
+
+SENT = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+
+
+def train_reply(node: int, pid: int, w: torch.Tensor):
+    metrics = MetricRecord({"partition-id": pid, "num-examples": 10, "train-loss": 1.0,
+                            "train-s": 0.5})
+    return reply_from(node, RecordDict({"arrays": ArrayRecord({"w": w, "b": torch.ones(2)}),
+                                        "metrics": metrics}))
+
+
+def averaging_round(min_replies: int):
+    """One aggregation of the averaging server: a good reply, NaNs, a wrong shape, an error."""
+    as_server_task()
+    rounds = []
+    strategy = HookedFedAvg(lambda r, arrays: arrays, lambda *row: rounds.append(row),
+                            "cnn-small", offset=4, min_replies=min_replies)
+    strategy.sent = ArrayRecord(SENT)
+    strategy.aggregate_train(1, [
+        train_reply(11, 0, torch.ones(2, 2)),
+        train_reply(12, 1, torch.full((2, 2), float("nan"))),
+        train_reply(13, 2, torch.ones(3, 2)),
+        reply_from(14, RecordDict(), error="Traceback ...\nRuntimeError: out of memory"),
+    ])
+    return rounds
+
+
+def test_averaging_server_rejects_nan_and_misshapen_replies_and_averages_the_rest():
+    [(server_round, arrays, info)] = averaging_round(min_replies=1)
+    assert server_round == 5  # a resumed run keeps counting
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(2, 2))
+    assert info["replies"] == 1 and set(info["rejected"]) == {"12", "13", "14"}
+    assert "NaN" in info["rejected"]["12"]
+    assert "'w' has shape (3, 2), expected (2, 2)" in info["rejected"]["13"]
+    assert info["rejected"]["14"] == "client error: RuntimeError: out of memory"
+
+
+def test_averaging_round_with_too_few_usable_replies_is_skipped():
+    [(_, arrays, info)] = averaging_round(min_replies=2)
+    assert arrays is None and "1 usable replies < min-replies=2" in info["skipped"]
+
+
 def test_global_summary_reports_time_to_target():
     rows = [{"time": 0.0, "accuracy": 0.1}, {"time": 2.5, "accuracy": 0.86},
             {"time": 4.0, "accuracy": 0.84}]
@@ -121,8 +196,99 @@ def test_global_summary_reports_time_to_target():
         ({"target-accuracy": 1.5}, "target-accuracy=1.5: must be in"),
         ({"method": "async-averaging"}, "needs channel-dir"),
         ({"method": "async-distillation"}, "needs channel-dir"),
+        ({"initial-forward-distill": 2}, "initial-forward-distill=2: must be 0 or 1"),
     ],
 )
 def test_bad_distillation_keys_are_rejected_with_clear_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_mapping(changes)
+
+
+def test_server_tests_the_global_model_on_its_own_held_out_share_of_its_pool():
+    cfg = config(unlabeled_size=300, global_test_fraction=0.4)
+    data = server_data(cfg)
+    pool = dataset_for(cfg.dataset).x[partition_for(cfg).unlabeled]
+    assert (len(data.test_y), len(data.distill)) == (120, 180)
+    rows = {row.tobytes() for row in pool}
+    assert {x.numpy().tobytes() for x in data.test_x} <= rows
+    assert {x.numpy().tobytes() for x in data.distill} <= rows
+    assert not {x.numpy().tobytes() for x in data.test_x} & {
+        x.numpy().tobytes() for x in data.distill}
+
+
+def test_global_test_on_the_clients_is_the_union_of_their_test_splits():
+    cfg = config(global_test="clients")
+    data = server_data(cfg)
+    tests = [client_data(cfg, pid).test for pid in range(3)]
+    assert torch.equal(data.test_y, torch.cat([t.y for t in tests]))
+    assert len(data.distill) == 300  # the whole pool is distilled on
+
+
+def test_a_pool_too_small_to_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="global-test-fraction=0.01 of the server's pool of 20 "
+                       "samples leaves no test sample; raise unlabeled-size"):
+        server_data(config(unlabeled_size=20, global_test_fraction=0.01))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_snapshots_follow_the_time_grid_and_are_tested_after_the_run(tmp_path):
+    cfg = config()
+    distiller, clock = Distiller(cfg), FakeClock()
+    log = GlobalLog(tmp_path / "global.jsonl", t0=100.0, every=1.0, clock=clock)
+    log.snapshot(distiller.model, 0, 0)
+    step = log.watcher(version=3, passes=1)
+    for t in (0.2, 0.6, 1.1, 1.5, 1.9, 2.3, 4.7, 4.8):  # steps of one pass
+        clock.now = 100.0 + t
+        step(distiller.model)
+    clock.now = 105.0
+    log.settle(distiller.model, 3, 1)  # end of a pass; the server then waits
+    log.settle(distiller.model, 3, 1)  # nothing changed since: no new snapshot
+    assert list(read_log(log.path)) == []  # nothing tested while the run goes on
+    rows = log.test_snapshots(distiller)
+    assert [r["time"] for r in rows] == [0.0, 1.1, 2.3, 4.7, 5.0]
+    assert [r["version"] for r in rows] == [0, 3, 3, 3, 3]
+    assert rows[0]["accuracy"] == distiller.evaluate().accuracy
+    assert not list((tmp_path / "snapshots").glob("*.pt"))
+
+
+def test_every_pass_is_timed_for_the_breakdown(tmp_path):
+    cfg = config(distill_mode="per-round", forward_distill_every=1, distill_epochs=1,
+                 channel_dir=str(tmp_path))
+    channel = DirectoryChannel(tmp_path)
+    channel.publish("distilled", initial_small_state(cfg), version=1)
+    channel.publish("stop", {}, version=1)
+    serve(cfg, channel, GlobalLog(tmp_path / "global.jsonl"))
+    passes = read_log(tmp_path / "passes.jsonl")
+    assert [(p["kind"], p["version"]) for p in passes] == [("reverse", 1), ("forward", 1)]
+    assert all(p["end"] >= p["start"] for p in passes)
+
+
+def benchmark_module():
+    """benchmarks/async_distill.py, imported by path (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "async_distill.py"
+    spec = importlib.util.spec_from_file_location("async_distill_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_target_and_its_resolution():
+    bench = benchmark_module()
+    run = {"points": [(0.0, 0.1), (4.0, 0.3), (9.0, 0.5), (10.0, 0.7)],
+           "passes": [{"kind": "reverse", "start": 3.0, "end": 4.0},
+                      {"kind": "reverse", "start": 8.0, "end": 10.0}],
+           "rounds": [{"time": 5.0, "client-train-s": 4.0}, {"time": 10.0, "client-train-s": 4.0}]}
+    # reached at 9 s; the model was last seen at 4 s but only changes from 8 s (the pass start)
+    assert bench.time_to(run, 0.5) == (9.0, 1.0)
+    assert bench.time_to(run, 0.3) == (4.0, 1.0)
+    assert bench.time_to(run, 0.9) == (None, None)
+    assert bench.breakdown(run) == {
+        "end-s": 10.0, "rounds-end-s": 10.0, "s-per-round": 5.0, "client-train-s": 8.0,
+        "distill-s": 3.0, "clients-wait-s": 2.0, "server-idle-s": 7.0}

@@ -10,7 +10,7 @@ import pytest
 
 from fedapps.config import RunConfig
 from fedapps.distill.averaging import run_async_distillation
-from fedapps.distill.distillation import GLOBAL_LOG, read_log
+from fedapps.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log
 from fedapps.launch import app_defaults
 from fedapps.results import RunRecorder, read_rounds
 from fedapps.simulation import simulate
@@ -18,7 +18,7 @@ from fedapps.simulation import simulate
 pytestmark = pytest.mark.slow
 
 SMALL = {"dataset": "digits", "num-clients": 2, "partitioner": "iid", "model": "cnn-small",
-         "global-model": "cnn2", "local-epochs": 1, "distill-epochs": 2, "distill-lr": 0.05,
+         "global-model": "cnn2", "local-epochs": 3, "distill-epochs": 2, "distill-lr": 0.05,
          "unlabeled-size": 400}
 DELAY = 3.0
 
@@ -29,15 +29,14 @@ def test_averaging_never_waits_for_a_slow_distillation_server():
     rounds = read_rounds(folder)
     tests = read_log(folder / GLOBAL_LOG)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
-    # nobody waits: rounds follow each other much faster than one distillation pass...
-    gaps = [b["time"] - a["time"] for a, b in zip(rounds, rounds[1:])]
-    assert max(gaps) < DELAY, gaps
-    # ...so the averaging server finished while the distillation server was still at work
-    passes_before_end = [t for t in tests[1:] if t["time"] <= rounds[-1]["time"]]
-    assert len(passes_before_end) < len(rounds) - 2, (rounds, tests)
+    # nobody waits: the averaging server finished all its rounds while the slow distillation
+    # server (DELAY s per pass) had ended only a few passes
+    passes = read_log(folder / PASSES_LOG)
+    passes_before_end = [p for p in passes if p["end"] <= rounds[-1]["time"]]
+    assert len(passes_before_end) < len(rounds) - 2, (rounds, passes)
     # the global model learnt from the distilled ones, and its final model is the last round's
     assert tests[-1]["version"] == 6
-    assert tests[-1]["accuracy"] > tests[0]["accuracy"] + 0.15, tests
+    assert tests[-1]["accuracy"] > tests[0]["accuracy"], tests
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["averaging-rounds"] == 6 and summary["global-accuracy"] == tests[-1]["accuracy"]
 
@@ -65,3 +64,31 @@ def test_two_halves_as_separate_runs_share_a_channel(tmp_path):
     assert [r["round"] for r in read_rounds(folder)] == [1, 2, 3, 4]
     tests = read_log(tmp_path / "distillation" / GLOBAL_LOG)
     assert tests[-1]["version"] == 4 and tests[-1]["accuracy"] > tests[0]["accuracy"]
+
+
+def test_async_averaging_rejects_a_poisoned_reply_and_continuous_distils_more_than_rounds():
+    folder = simulate({**SMALL, "num-clients": 3, "method": "async-distill", "num-rounds": 3,
+                       "distill-mode": "continuous", "final-passes": 4,
+                       "fault-injection": "nan:1:2"})
+    rounds = read_rounds(folder)
+    assert [r["replies"] for r in rounds] == [3, 2, 3]
+    [reason] = rounds[1]["rejected"].values()
+    assert "NaN" in reason
+    passes = read_log(folder / PASSES_LOG)
+    assert len(passes) > len(rounds)  # continuous: it keeps distilling the newest model
+    assert [p["version"] for p in passes][-4:] == [3, 3, 3, 3]
+    assert read_log(folder / GLOBAL_LOG)[-1]["version"] == 3
+
+
+def test_sync_distill_end_to_end():
+    folder = simulate({**SMALL, "method": "sync-distill", "num-rounds": 3,
+                       "forward-distill-every": 1})
+    assert [r["round"] for r in read_rounds(folder)] == [1, 2, 3]
+    passes = [(p["kind"], p["version"]) for p in read_log(folder / PASSES_LOG)]
+    # the initial forward pass comes before the time axis starts; then one per later round
+    assert passes == [("reverse", 1), ("forward", 1), ("reverse", 2), ("forward", 2),
+                      ("reverse", 3)]
+    tests = read_log(folder / GLOBAL_LOG)
+    assert tests[0]["version"] == 0 and tests[-1]["version"] == 3
+    assert tests[-1]["accuracy"] > tests[0]["accuracy"]
+    assert [t["time"] for t in tests] == sorted(t["time"] for t in tests)

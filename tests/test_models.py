@@ -73,3 +73,17 @@ def test_arrays_of_another_architecture_are_rejected():
     state["classifier.1.weight"][0, 0] = float("nan")
     with pytest.raises(BadModelError, match="NaN or infinite"):
         from_arrays("cnn1", ArrayRecord(state), config)
+
+
+@pytest.mark.parametrize(("name", "layers"), [("cnn-distill6", 6), ("cnn-global12", 12)])
+def test_distillation_models_have_the_papers_depth(name, layers):
+    model = build_model(name, (3, 32, 32), 10)
+    weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(weighted) == layers
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_global_model_is_larger_than_the_distilled_one():
+    small, large = (count_parameters(build_model(n, (3, 32, 32), 10))
+                    for n in ("cnn-distill6", "cnn-global12"))
+    assert large > 5 * small

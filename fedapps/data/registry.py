@@ -59,6 +59,30 @@ def load_digits(data_path: str = "") -> Dataset:
     return Dataset("digits", x, bunch.target.astype(np.int64), 10)
 
 
+def load_digits28(data_path: str = "") -> Dataset:
+    """The same digits, bilinearly upsampled to 28x28: MNIST/FEMNIST's shape and compute cost.
+
+    No new information (8x8 pixels underneath), so it tests code paths and round times at the
+    size of real handwriting data, not a harder task.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    small = load_digits()
+    x = F.interpolate(torch.from_numpy(small.x), size=(28, 28), mode="bilinear",
+                      align_corners=False)
+    return Dataset("digits28", x.numpy(), small.y, small.num_classes)
+
+
+def load_shapes(data_path: str = "") -> Dataset:
+    """Procedurally generated 10-class 3x32x32 colour shapes (:mod:`fedapps.data.shapes`)."""
+    from fedapps.data.shapes import NUM_SAMPLES, SEED, make_shapes
+
+    x, y = make_shapes(NUM_SAMPLES, SEED)
+    return Dataset("shapes", x, y, 10,
+                   index_space=f"fedapps.data.shapes.make_shapes({NUM_SAMPLES}, seed={SEED})")
+
+
 def load_npz(data_path: str) -> Dataset:
     """Bring your own: ``.npz`` with ``x`` (images or int sequences), ``y``, optional ``groups``."""
     if not data_path:
@@ -145,6 +169,8 @@ def load_shakespeare(data_path: str = "") -> Dataset:
 
 DATASETS: dict[str, Callable[[str], Dataset]] = {
     "digits": load_digits,
+    "digits28": load_digits28,
+    "shapes": load_shapes,
     "cifar10": load_cifar10,
     "femnist": load_femnist,
     "shakespeare": load_shakespeare,

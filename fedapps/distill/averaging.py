@@ -26,29 +26,37 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedapps.config import RunConfig
 from fedapps.distill.channel import ChannelTimeout, ModelChannel, open_channel
 from fedapps.distill.distillation import GLOBAL_LOG, GlobalLog, global_summary, read_log, serve
 from fedapps.messages import config_record, from_arrays, to_arrays
 from fedapps.results import RunRecorder
+from fedapps.strategies.fedavg import RecordedFedAvg
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 BeforeRound = Callable[[int, ArrayRecord], ArrayRecord]
-AfterRound = Callable[[int, ArrayRecord, MetricRecord | None], None]
+# after aggregation: the round, the averaged model (None: the round was skipped because fewer
+# than min-replies replies were usable) and the round's record (replies, rejected, train-loss)
+AfterRound = Callable[[int, ArrayRecord | None, dict[str, Any]], None]
 
 
-class HookedFedAvg(FedAvg):
-    """Flower's FedAvg with a hook before each round (may swap the model sent to clients) and
-    one after aggregation; the sync and async schemes differ only in these hooks.
+class HookedFedAvg(RecordedFedAvg):
+    """FedAvg with a hook before each round (may swap the model sent to clients) and one after
+    aggregation; the sync and async schemes differ only in these hooks.
 
-    ``offset`` shifts the round numbers the clients see (a resumed run keeps counting).
+    Replies are checked as for the ``fedavg`` method (:class:`RecordedFedAvg`): an error reply,
+    or arrays with wrong keys, wrong shapes or NaN/inf values, are left out and logged with the
+    client's node id; the rest are averaged. ``offset`` shifts the round numbers the clients see
+    (a resumed run keeps counting).
     """
 
-    def __init__(self, before: BeforeRound, after: AfterRound, offset: int = 0, **kwargs) -> None:
-        super().__init__(fraction_evaluate=0.0, **kwargs)
+    def __init__(self, before: BeforeRound, after: AfterRound, arch: str, offset: int = 0,
+                 min_replies: int = 1, **kwargs) -> None:
+        # on_round is never called: aggregate_evaluate is replaced, the after hook logs rounds
+        super().__init__(on_round=after, arch=arch, min_replies=min_replies,
+                         fraction_evaluate=0.0, **kwargs)
         self.before, self.after, self.offset = before, after, offset
 
     def configure_train(
@@ -62,10 +70,14 @@ class HookedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None:
-            raise RuntimeError(f"round {server_round + self.offset}: no client sent a model")
-        self.after(server_round + self.offset, arrays, metrics)
+        self.after(server_round + self.offset, arrays, dict(self.round_info))
         return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """No client evaluation here: the global model is tested by the distillation server."""
+        return None
 
 
 def fedavg_rounds(
@@ -74,8 +86,8 @@ def fedavg_rounds(
 ) -> None:
     """``rounds`` FedAvg rounds of ``config.model`` over all clients (no client evaluation)."""
     count = len(clients)
-    strategy = HookedFedAvg(before, after, offset, min_train_nodes=count,
-                            min_available_nodes=count)
+    strategy = HookedFedAvg(before, after, config.model, offset, config.min_replies,
+                            min_train_nodes=count, min_available_nodes=count)
     strategy.start(grid, initial, num_rounds=rounds, timeout=config.round_timeout,
                    train_config=config_record(config))
 
@@ -102,17 +114,20 @@ def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,
               f"(from averaged version {entry.meta.get('based-on')})", flush=True)
         return to_arrays(from_arrays(config.model, ArrayRecord(entry.state), config))
 
-    def publish(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> None:
-        channel.publish("distilled", arrays.to_torch_state_dict(), {"round": server_round},
-                        version=server_round)
-        fields = {"train-loss": float(metrics["train-loss"])} if metrics else {}
-        recorder.log_round(server_round, **fields, adoptions=adoptions)
+    def publish(server_round: int, arrays: ArrayRecord | None, info: dict[str, Any]) -> None:
+        if arrays is not None:  # a skipped round publishes nothing: no new version
+            channel.publish("distilled", arrays.to_torch_state_dict(), {"round": server_round},
+                            version=server_round)
+        recorder.log_round(server_round, **info, adoptions=adoptions)
 
     rounds = max(0, config.num_rounds - offset)
     fedavg_rounds(grid, config, clients, initial, rounds, adopt_forward, publish, offset)
-    if channel.latest_version("stop") < config.num_rounds:
-        channel.publish("stop", {}, {"final-version": config.num_rounds},
-                        version=config.num_rounds)
+    final = channel.latest_version("distilled")
+    if final < 0:
+        raise RuntimeError("no averaging round had enough usable replies (min-replies="
+                           f"{config.min_replies}); see the rejected replies in rounds.jsonl")
+    if channel.latest_version("stop") < final:  # stop's version: the final distilled model
+        channel.publish("stop", {}, {"final-version": final}, version=final)
     return {"averaging-rounds": rounds, "averaging-time-s": round(recorder.elapsed(), 2),
             "adoptions": adoptions}
 
@@ -132,7 +147,7 @@ def run_async_distill(grid, config, clients, recorder) -> dict[str, Any]:
     try:
         _wait_for_start(channel, process, config.channel_timeout)
         summary = average(grid, config, clients, recorder, channel)
-        code = process.wait(timeout=config.channel_timeout)
+        code = process.wait()  # it ends by itself: final passes, then testing the snapshots
         if code != 0:
             raise RuntimeError(f"the distillation server exited with code {code}; see its log")
     finally:
@@ -166,5 +181,6 @@ def run_async_distillation(grid, config, clients, recorder) -> dict[str, Any]:
     """Deployment half 2: the distillation server as a Flower run (it uses no clients)."""
     log_path = recorder.folder / GLOBAL_LOG
     channel = open_channel(config.channel_backend, config.channel_dir)
-    result = serve(config, channel, GlobalLog(log_path, time.time() - recorder.elapsed()))
+    result = serve(config, channel, GlobalLog(log_path, time.time() - recorder.elapsed(),
+                                              config.snapshot_every_s))
     return {**result, **global_summary(read_log(log_path), config.target_accuracy)}

@@ -1,9 +1,11 @@
 """The synchronous ("conventional") scheme the asynchronous one is measured against.
 
-Each round, in one ServerApp: (1) forward-distil the global model into the small model (every
+First (the paper's first step, unless ``initial-forward-distill = 0``) the initial global model
+is forward-distilled into the first small model. Then each round, in one ServerApp: (1) from
+round 2 on, forward-distil the global model into the small model (every
 ``forward-distill-every`` rounds; 0 = never, the "sync without forward distillation" variant),
 (2) clients train the small model, (3) FedAvg, (4) reverse-distil the averaged small model into
-the global model and test it. Clients idle during (1) and (4); the server idles during (2).
+the global model. Clients idle during (1) and (4); the server idles during (2).
 Same models, data, seeds and distillation code as the asynchronous scheme.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 
 from fedapps.distill.averaging import fedavg_rounds
 from fedapps.distill.distillation import (
@@ -20,29 +22,37 @@ from fedapps.distill.distillation import (
     Distiller,
     GlobalLog,
     global_summary,
-    initial_small_state,
-    read_log,
+    initial_distilled_state,
 )
 
 
 def run_sync_distill(grid, config, clients, recorder) -> dict[str, Any]:
     distiller = Distiller(config)
-    log = GlobalLog(recorder.folder / GLOBAL_LOG, time.time() - recorder.elapsed())
-    log.log(0, distiller.evaluate(), passes=0)
+    initial = ArrayRecord(initial_distilled_state(config, distiller))
+    log = GlobalLog(recorder.folder / GLOBAL_LOG, time.time() - recorder.elapsed(),
+                    config.snapshot_every_s)
+    log.snapshot(distiller.model, 0, 0)
     every = config.forward_distill_every
 
     def forward(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        if every and (server_round - 1) % every == 0:
-            return ArrayRecord(distiller.forward(arrays.to_torch_state_dict(), server_round))
-        return arrays
+        # round 1's forward distillation is the initial one (initial-forward-distill)
+        if not every or server_round == 1 or (server_round - 1) % every:
+            return arrays
+        started = log.now()
+        state = distiller.forward(arrays.to_torch_state_dict(), server_round)
+        log.log_pass("forward", server_round - 1, server_round - 1, started)
+        return ArrayRecord(state)
 
-    def reverse(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> None:
-        kl = distiller.reverse(arrays.to_torch_state_dict(), server_round)
-        log.log(server_round, distiller.evaluate(), passes=server_round, kl=round(kl, 5))
-        fields = {"train-loss": float(metrics["train-loss"])} if metrics else {}
-        recorder.log_round(server_round, **fields)
+    def reverse(server_round: int, arrays: ArrayRecord | None, info: dict[str, Any]) -> None:
+        if arrays is not None:  # a skipped round leaves the global model as it is
+            started = log.now()
+            kl = distiller.reverse(arrays.to_torch_state_dict(), server_round,
+                                   log.watcher(server_round, server_round))
+            log.log_pass("reverse", server_round, server_round, started, kl)
+            log.settle(distiller.model, server_round, server_round)  # clients train now
+        recorder.log_round(server_round, **info)
 
-    initial = ArrayRecord(initial_small_state(config))
     fedavg_rounds(grid, config, clients, initial, config.num_rounds, forward, reverse)
+    rows = log.test_snapshots(distiller)
     return {"averaging-rounds": config.num_rounds,
-            **global_summary(read_log(log.path), config.target_accuracy)}
+            **global_summary(rows, config.target_accuracy)}
