@@ -98,13 +98,19 @@ def test_distillation_server_stops_after_the_final_model_and_resumes_from_its_ch
     assert channel.latest_version("global") == 2 and channel.latest_version("forward") == 0
 
 
-def test_forward_models_are_offered_every_n_passes(tmp_path):
+def serve_one_model_with_forward_passes(tmp_path) -> DirectoryChannel:
+    """One averaged model, then stop; a forward-distillation pass after every pass."""
     cfg = config(distill_mode="per-round", forward_distill_every=1, distill_epochs=1,
                  channel_dir=str(tmp_path))
     channel = DirectoryChannel(tmp_path)
     channel.publish("distilled", initial_small_state(cfg), version=1)
     channel.publish("stop", {}, version=1)
     serve(cfg, channel, GlobalLog(tmp_path / "global.jsonl"))
+    return channel
+
+
+def test_forward_models_are_offered_every_n_passes(tmp_path):
+    channel = serve_one_model_with_forward_passes(tmp_path)
     offered = channel.latest("forward")
     assert offered.version == 1 and offered.meta == {"based-on": 1}
 
@@ -259,12 +265,7 @@ def test_snapshots_follow_the_time_grid_and_are_tested_after_the_run(tmp_path):
 
 
 def test_every_pass_is_timed_for_the_breakdown(tmp_path):
-    cfg = config(distill_mode="per-round", forward_distill_every=1, distill_epochs=1,
-                 channel_dir=str(tmp_path))
-    channel = DirectoryChannel(tmp_path)
-    channel.publish("distilled", initial_small_state(cfg), version=1)
-    channel.publish("stop", {}, version=1)
-    serve(cfg, channel, GlobalLog(tmp_path / "global.jsonl"))
+    serve_one_model_with_forward_passes(tmp_path)
     passes = read_log(tmp_path / "passes.jsonl")
     assert [(p["kind"], p["version"]) for p in passes] == [("reverse", 1), ("forward", 1)]
     assert all(p["end"] >= p["start"] for p in passes)
