@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
     parser.add_argument("--targets", default="auto",
                         help="comma-separated accuracies, or 'auto': "
-                             f"{', '.join(f'{s:.0%}' for s in AUTO_TARGETS)} of "
+                             f"{', '.join(f'{100 * s:.0f}%%' for s in AUTO_TARGETS)} of "
                              f"{BASELINE}'s lowest best accuracy over the seeds")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
                         default=[], metavar="KEY=VALUE", help="override one run-config key")
