@@ -92,7 +92,7 @@ def one_run(job: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def drift_evidence(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Why the population drifts, from the round log (README, "Why tuning drifted").
+    """Why the population drifts, from the round log (docs/fedme-tuning.md).
 
     home-advantage: mean exchange-minus-personal validation accuracy, all comparisons;
     fixation-round: first round after which one architecture holds every client;

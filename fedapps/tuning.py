@@ -10,7 +10,8 @@ Two decisions make FedMe pick architectures by itself:
   included. The paper adopts when the exchange model's validation loss is strictly lower
   (``adoption-rule = "loss"``). That rule lets the smallest model take over in the first rounds:
   it learns fastest, so it has the lowest loss after two epochs, although a larger model ends
-  better (README, "Why tuning drifted to the smallest model"). The other rules are named options.
+  better (docs/fedme-tuning.md, "Why tuning drifted to the smallest model"). The other rules
+  are named options.
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ class FedMe(Strategy):
             state = content[key].to_torch_state_dict()
             check_state(self.models[owner].arch, state, self.models[owner].model.state_dict())
             pieces.append(Contribution(owner, pid, state, num))
-        # The evidence behind the adoption decision (README, "Why tuning drifted").
+        # The evidence behind the adoption decision (docs/fedme-tuning.md).
         validation = {
             "arch": self.models[pid].arch, "exchange-arch": self.models[self.partner[pid]].arch,
             **{key: float(metrics[key]) for key in VALIDATION_KEYS if key in metrics},
