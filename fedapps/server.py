@@ -114,7 +114,7 @@ def candidate_results(info: ConfigRecord) -> list[tuning.CandidateResult]:
     if "candidates" not in info:
         return []
     return [
-        tuning.CandidateResult(str(name), float(accuracy), float(loss), 0, int(epoch))
+        tuning.CandidateResult(str(name), float(accuracy), float(loss), int(epoch))
         for name, accuracy, loss, epoch in zip(info["candidates"], info["val-accuracy"],
                                                info["val-loss"], info["best-epoch"])
     ]

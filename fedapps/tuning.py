@@ -134,7 +134,6 @@ class CandidateResult:
     name: str
     accuracy: float
     loss: float
-    epochs: int  # epochs trained before stopping
     best_epoch: int
 
 
@@ -223,7 +222,7 @@ def choose_local_best(
         best, best_epoch, epochs = train_with_early_stopping(
             build(name), data, val, max_epochs, patience, optim, generator_of(name), device
         )
-        results.append(CandidateResult(name, best.accuracy, best.loss, epochs, best_epoch))
+        results.append(CandidateResult(name, best.accuracy, best.loss, best_epoch))
         progress(f"{name}: val accuracy {best.accuracy:.4f} (loss {best.loss:.4f}) at epoch "
                  f"{best_epoch}/{epochs} in {time.perf_counter() - started:.1f}s")
     return best_candidate(results).name, results

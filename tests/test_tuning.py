@@ -97,15 +97,15 @@ def test_unknown_rule_is_named():
 
 
 def test_best_candidate_is_the_highest_accuracy_then_the_lowest_loss_then_the_first():
-    results = [CandidateResult("cnn1", 0.8, 0.5, 10, 8), CandidateResult("cnn2", 0.9, 0.6, 10, 9),
-               CandidateResult("cnn3", 0.9, 0.4, 10, 7), CandidateResult("cnn4", 0.9, 0.4, 10, 7)]
+    results = [CandidateResult("cnn1", 0.8, 0.5, 8), CandidateResult("cnn2", 0.9, 0.6, 9),
+               CandidateResult("cnn3", 0.9, 0.4, 7), CandidateResult("cnn4", 0.9, 0.4, 7)]
     assert best_candidate(results).name == "cnn3"
     with pytest.raises(ValueError, match="no candidate"):
         best_candidate([])
 
 
 def results_of(accuracies: dict[str, float]) -> list[CandidateResult]:
-    return [CandidateResult(name, acc, 1.0 - acc, 10, 5) for name, acc in accuracies.items()]
+    return [CandidateResult(name, acc, 1.0 - acc, 5) for name, acc in accuracies.items()]
 
 
 def test_pooling_zero_is_each_clients_own_choice():
