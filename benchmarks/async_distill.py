@@ -11,7 +11,7 @@ seed, then writes ``table.md``, ``accuracy-vs-time.png`` and ``benchmark.json`` 
 Time axis: seconds since the global model's first snapshot (version 0), i.e. after the
 simulation has started, the clients answered and the initial forward distillation is done; that
 start-up is the same for every variant and part of neither scheme. The global model is
-snapshotted on the fixed grid ``snapshot-every-s`` (and when a pass ends before the server
+snapshotted on the fixed grid ``distill.snapshot-every-s`` (and when a pass ends before the server
 waits), in every variant alike, and the snapshots are tested after the run on the server's
 held-out test set. "Time to target" is the first snapshot whose accuracy reaches the target; the
 true first crossing lies after the snapshot before it (or the start of the pass it falls in,
@@ -40,9 +40,13 @@ from typing import Any
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from fedapps.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log  # noqa: E402
-from fedapps.launch import parse_override, resolve  # noqa: E402
-from fedapps.results import read_rounds, write_json  # noqa: E402
+from fedapps.config import (  # noqa: E402
+    exit_on_bad_input,  # noqa: E402
+    parse_override,
+    resolve,
+)
+from fedapps.methods.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log  # noqa: E402
+from fedapps.protocol.results import read_rounds, write_json  # noqa: E402
 from fedapps.simulation import simulate  # noqa: E402
 
 FORWARD_EVERY_OURS = 4
@@ -50,15 +54,15 @@ CLIENT_CPUS = 2.0
 AUTO_TARGETS = (0.6, 0.8, 0.95)  # --targets auto: shares of sync+forward's lowest best accuracy
 RESOLUTION_LIMIT = 0.05  # the bound on a time-to-target's uncertainty
 VARIANTS: dict[str, dict[str, Any]] = {
-    "sync + forward": {"method": "sync-distill", "forward-distill-every": 1},
-    "sync": {"method": "sync-distill", "forward-distill-every": 0},
-    "async per-round": {"method": "async-distill", "distill-mode": "per-round",
-                        "forward-distill-every": 0},
-    "async continuous": {"method": "async-distill", "distill-mode": "continuous",
-                         "forward-distill-every": 0},
+    "sync + forward": {"method": "sync-distill", "distill.forward-distill-every": 1},
+    "sync": {"method": "sync-distill", "distill.forward-distill-every": 0},
+    "async per-round": {"method": "async-distill", "distill.mode": "per-round",
+                        "distill.forward-distill-every": 0},
+    "async continuous": {"method": "async-distill", "distill.mode": "continuous",
+                         "distill.forward-distill-every": 0},
     "async continuous + recovery (ours)": {"method": "async-distill",
-                                           "distill-mode": "continuous",
-                                           "forward-distill-every": FORWARD_EVERY_OURS},
+                                           "distill.mode": "continuous",
+                                           "distill.forward-distill-every": FORWARD_EVERY_OURS},
 }
 BASELINE, FAST, OURS = "sync + forward", "async continuous", "async continuous + recovery (ours)"
 
@@ -192,7 +196,7 @@ def resolution_warnings(runs: Mapping[str, Sequence[Mapping[str, Any]]],
                 if time and gap / time > RESOLUTION_LIMIT:
                     warnings.append(f"{name}, run {seed}, {target:.0%}: time {time:.1f}s known "
                                     f"to {gap:.1f}s (> {RESOLUTION_LIMIT:.0%}); lower "
-                                    "snapshot-every-s")
+                                    "distill.snapshot-every-s")
     return warnings
 
 
@@ -271,4 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_bad_input(main))

@@ -10,14 +10,16 @@ still leaves the seeds that finished.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from fedapps.compare import Comparison, compare
+from fedapps.config import exit_on_bad_input
 
 METHODS = [
     "local", "centralized", "fedavg", "hypcluster", "mapper", "fml", "pfedme", "fedme",
-    *[(f"fedme-cnn{depth}", {"method": "fedme", "init-arch": f"cnn{depth}"})
+    *[(f"fedme-cnn{depth}", {"method": "fedme", "fedme.init-arch": f"cnn{depth}"})
       for depth in range(1, 5)],
 ]
 
@@ -49,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_bad_input(main))

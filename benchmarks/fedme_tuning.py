@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from fedapps.results import read_rounds
+from fedapps.config import exit_on_bad_input
+from fedapps.protocol.results import read_rounds
 
 OUT = Path(__file__).parent / "results"
 CANDIDATES = ["cnn1", "cnn2", "cnn3", "cnn4"]  # FedMe's candidates, smallest first
@@ -43,13 +45,15 @@ SETTINGS = {"num-clients": 20, "partitioner": "dirichlet", "alpha-label": 0.5,
 
 def auto(pooling: float, rule: str, warmup: int) -> dict[str, Any]:
     """FedMe from local-best with every tuning key spelled out (app defaults may change)."""
-    return {"method": "fedme", "init-arch": "local-best", "candidate-models": ",".join(CANDIDATES),
-            "local-best-pooling": pooling,
-            "adoption-rule": rule, "adoption-warmup": warmup, "adoption-margin": 0.0}
+    return {"method": "fedme", "fedme.init-arch": "local-best", "fedme.candidate-models":
+    ",".join(CANDIDATES),
+            "fedme.local-best-pooling": pooling,
+            "fedme.adoption-rule": rule, "fedme.adoption-warmup": warmup,
+                "fedme.adoption-margin": 0.0}
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    **{f"fedme-{name}": {"method": "fedme", "init-arch": name} for name in CANDIDATES},
+    **{f"fedme-{name}": {"method": "fedme", "fedme.init-arch": name} for name in CANDIDATES},
     "fedme-auto-paper": auto(0, "loss", 0),
     "fedme-auto-accuracy": auto(0, "accuracy", 0),
     "fedme-auto-warmup": auto(0, "loss", 20),
@@ -246,4 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_bad_input(main))

@@ -4,7 +4,7 @@
 #
 # The GPU machine has no internet and no .venv (6.6 GB; 64 MiB may travel), but its python3
 # has torch, numpy, scikit-learn, psutil and pandas. Flower and the few packages it needs that
-# are missing there travel as wheels in .whl (README, "Performance"); Ray does not (too big),
+# are missing there travel as wheels in .whl (docs/performance.md); Ray does not (too big),
 # so clients run in this process, one after another (--engine in-process), not as Ray actors.
 #
 #     device run: command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 330
@@ -25,7 +25,7 @@ if [ -d .whl ]; then
   export PYTHONPATH="/tmp/fedapps-site:$PYTHONPATH"
 fi
 "$PYTHON" -c "import flwr" 2>/dev/null \
-  || { echo "gpu_check: Flower is not importable; carry .whl (README, Performance, GPU)" >&2; exit 1; }
+  || { echo "gpu_check: Flower is not importable; carry .whl (docs/performance.md, GPU)" >&2; exit 1; }
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -48,9 +48,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedapps import training
+from fedapps.config import exit_on_bad_input
 from fedapps.inprocess import run_in_process
 from fedapps.models import build_model
-from fedapps.results import read_rounds
+from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
 
 OUT = Path(__file__).parent / "results"
@@ -104,9 +105,9 @@ def image_settings(workload: Workload, method: str, clients: int, pool: int, dat
                    rounds: int, device: str) -> dict[str, Any]:
     return {"method": method, "dataset": "npz", "data-path": str(data), "partitioner": "iid",
             "num-clients": clients, "unlabeled-size": pool, "model": workload.model,
-            "candidate-models": workload.candidates, "init-arch": workload.model,
+            "fedme.candidate-models": workload.candidates, "fedme.init-arch": workload.model,
             "num-rounds": rounds, "local-epochs": EPOCHS, "batch-size": BATCH,
-            "cluster-schedule": SCHEDULE, "finetune-epochs": 0, "eval-every": 1, "seed": 0,
+            "fedme.cluster-schedule": SCHEDULE, "finetune-epochs": 0, "eval-every": 1, "seed": 0,
             "min-client-samples": 5, "device": device, "results-dir": str(OUT / "runs")}
 
 
@@ -458,7 +459,8 @@ def print_summary(report: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------- digits (issue 7)
 
-DIGITS = {"num-rounds": 5, "local-epochs": 2, "init-arch": "random", "cluster-schedule": SCHEDULE,
+DIGITS = {"num-rounds": 5, "local-epochs": 2, "fedme.init-arch": "random",
+          "fedme.cluster-schedule": SCHEDULE,
           "finetune-epochs": 0, "seed": 0, "partitioner": "iid", "min-client-samples": 5,
           "results-dir": str(OUT / "runs")}
 
@@ -550,4 +552,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_bad_input(main))

@@ -1,7 +1,7 @@
 """Compare methods in one call: the FedMe paper's Tables 4 and 5 from Python or a notebook.
 
-    result = fedapps.compare(["fedavg", "fedme", ("fedme-cnn1", {"init-arch": "cnn1"})],
-                             dataset="digits", seeds=[0, 1, 2], num_clients=20)
+    result = compare(["fedavg", "fedme", ("fedme-cnn1", {"fedme.init-arch": "cnn1"})],
+                     dataset="digits", seeds=[0, 1, 2], num_clients=20)
     result.table; result.curves; print(result.to_markdown()); result.save("results/cmp")
 
 Every (method, seed) runs through Flower's simulation engine (:func:`fedapps.simulation.simulate`)
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedapps.config import RunConfig
-from fedapps.launch import app_defaults
-from fedapps.results import read_rounds
+from fedapps.config import RunConfig, app_defaults
+from fedapps.protocol.results import read_rounds
+from fedapps.simulation import simulate
 
-if TYPE_CHECKING:  # pandas is imported on use: every ClientApp process imports this package
+if TYPE_CHECKING:  # pandas is imported on use: only the tables need it
     import pandas as pd
 
 MethodSpec = str | tuple[str, Mapping[str, Any]]
@@ -181,7 +181,7 @@ def compare(
     """Run every method for every seed; returns a :class:`Comparison` (table, curves, plots).
 
     ``methods``: method names (``"fedavg"``) or ``(label, {config overrides})`` for variants,
-    e.g. ``("fedme-cnn1", {"method": "fedme", "init-arch": "cnn1"})`` (``method`` defaults to
+    e.g. ``("fedme-cnn1", {"method": "fedme", "fedme.init-arch": "cnn1"})`` (``method`` defaults to
     the label). ``overrides``: run-config keys for every run, in kebab-case or snake_case
     (``num_clients=20``). Every config is checked before the first run starts, so a typo fails
     at once; errors during a run are caught and shown in the table.
@@ -202,8 +202,6 @@ def compare(
                       "results-dir": str(Path(results_dir) / label / f"seed{seed}")}
             RunConfig.from_mapping({**app_defaults(), **values})  # fail before any run
             plan.append((label, int(seed), values))
-    from fedapps.simulation import simulate
-
     runs = []
     for number, (label, seed, values) in enumerate(plan, start=1):
         started = time.perf_counter()

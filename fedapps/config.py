@@ -1,143 +1,284 @@
-"""Typed run configuration: one place for defaults, parsing and validation.
+"""The run configuration: one schema for defaults, types, ranges, meaning and validation.
 
-Flower hands every ServerApp and ClientApp a flat ``run_config`` of kebab-case keys
-(``[tool.flwr.app.config]`` in pyproject.toml plus ``--run-config`` overrides). This module turns
-it into a :class:`RunConfig` and rejects bad values *before* any training starts, with a message
-naming the key, the value and what is allowed.
+Flower hands every ServerApp and ClientApp a flat ``run_config``: the keys of
+``[tool.flwr.app.config]`` in pyproject.toml plus ``--run-config`` overrides, where a TOML table
+``[tool.flwr.app.config.fedme]`` (or ``[fedme]`` in a conf file) becomes keys ``fedme.<key>``.
+Shared keys sit at the top; each method's own keys sit in its section (:data:`METHOD_SECTIONS`).
+:class:`RunConfig` declares every key once (pydantic; docs/config.md is generated from it by
+``python -m fedapps.config``) and rejects, before any training starts and in one line naming the
+key: unknown keys, values of the wrong type or out of range, and a non-default value of a key
+the chosen method does not use.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import argparse
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-PARTITIONERS = ("iid", "dirichlet", "natural")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from fedapps.data.registry import DATASETS, DataError
+from fedapps.models import MODELS
+
+PROJECT = Path(__file__).resolve().parent.parent
+PATH_KEYS = ("data-path", "partition-file", "results-dir")  # made absolute for app processes
 INIT_ARCH_MODES = ("local-best", "random")
-CLUSTER_INPUTS = ("softmax", "logits")
-WEIGHTINGS = ("uniform", "samples")
-DEVICES = ("auto", "cpu", "cuda")
-DISTILL_MODES = ("per-round", "continuous")
-GLOBAL_TESTS = ("server", "clients")  # where the global model is tested (fedapps/distill)
-# FedMe adoption (fedapps/tuning.py): loss (the paper), accuracy (ties keep the personal
-# model), population (the paper's rule; structure changes only on the population's evidence)
-ADOPTION_RULES = ("loss", "accuracy", "population")
+ADOPTION_RULES = ("loss", "accuracy", "population")  # fedapps/tuning.py
+ENGINE_METHODS = ("fedme", "fedavg", "hypcluster", "fml", "pfedme", "mapper")
+DISTILL_METHODS = ("async-distill", "async-averaging", "async-distillation", "sync-distill")
+# Every method (fedapps/registry.py implements each) -> the sections of keys it reads.
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "fedme": ("fedme",),
+    "fedavg": (),
+    "local": (),
+    "centralized": (),
+    "hypcluster": ("hypcluster",),
+    "fml": ("fml",),
+    "pfedme": ("pfedme",),
+    "mapper": ("mapper",),
+    **dict.fromkeys(DISTILL_METHODS, ("distill",)),
+}
+# Shared keys only some methods honour: the others reject a non-default value.
+HONOURED_BY: dict[str, tuple[str, ...]] = {
+    "checkpoint-every": ENGINE_METHODS,  # the distillation schemes resume from their channel
+    "fraction-train": (*ENGINE_METHODS, "async-distill", "async-averaging", "sync-distill"),
+}
+METHOD_NAMES = tuple(METHOD_SECTIONS)
+DATASET_NAMES = tuple(DATASETS)
+MODEL_NAMES = tuple(MODELS)
 
 
 class ConfigError(ValueError):
     """A run-config value that cannot work; raised before training starts."""
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Every knob of a run. Field names are the kebab-case keys with '-' -> '_'."""
+def option(default: Any, doc: str, section: str = "", key: str = "", **constraints: Any) -> Any:
+    """One config key: default, meaning, and range (pydantic constraints). A key in a method's
+    ``section`` is written ``<section>.<key>``; shared keys are the attribute name in kebab-case."""
+    alias = f"{section}.{key}" if section else None
+    return Field(default, description=doc, alias=alias, json_schema_extra={"section": section},
+                 **constraints)
 
-    method: str = "fedme"
-    dataset: str = "digits"
-    data_path: str = ""
-    partitioner: str = "dirichlet"
-    partition_file: str = ""
-    alpha_label: float = 0.5
-    alpha_size: float = 10.0
-    num_clients: int = 10
-    unlabeled_size: int = -1  # -1: min(1000, 15% of the data), as the data allows
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    min_client_samples: int = 10
-    model: str = "cnn2"
-    candidate_models: str = "cnn1,cnn2,cnn3,cnn4"
-    init_arch: str = "local-best"
-    local_best_epochs: int = 30  # epoch budget per candidate for init-arch=local-best
-    local_best_patience: int = 5  # early stopping: epochs without a better validation result
-    local_best_pooling: float = 50.0  # pseudo-count shrinking local-best to all clients (0: paper)
-    adoption_rule: str = "loss"  # FedMe: loss (the paper) | accuracy | population
-    adoption_margin: float = 0.0  # how much better the exchange model must be to be adopted
-    adoption_warmup: int = 0  # rounds in which only a model of the own architecture is adopted
-    num_rounds: int = 20
-    local_epochs: int = 2
-    batch_size: int = 20
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    clip_norm: float = 10.0
-    finetune_epochs: int = 2
-    dml_temperature: float = 1.0
-    dml_kl_weight: float = 1.0
-    cluster_schedule: str = "paper"
-    cluster_on: str = "softmax"
-    kmeans_restarts: int = 10
-    aggregation_weighting: str = "uniform"
-    eval_every: int = 1
-    seed: int = 0
-    device: str = "auto"
-    results_dir: str = "results"
-    # real deployments: partial participation, faults, checkpoints (docs in README "Faults")
-    fraction_train: float = 1.0  # share of clients that train each round
-    min_replies: int = 1  # fewer usable replies than this: the round is skipped, not aggregated
-    round_timeout: float = 3600.0  # seconds a phase waits for replies; late ones are left out
-    checkpoint_every: int = 0  # save the server state every N rounds (0: never)
-    run_name: str = ""  # fixed results folder <results-dir>/<run-name>; a restart resumes it
-    fault_injection: str = ""  # testing: 'error|nan|slow:client:round,...' faults on purpose
-    # asynchronous distillation (fedapps/distill; README). ``model`` is the small distilled
-    # model the clients train, ``global-model`` the large one only the server holds.
-    global_model: str = "cnn-large"
-    distill_mode: str = "continuous"  # per-round | continuous (async-distill only)
-    distill_epochs: int = 1  # epochs over the unlabeled pool per distillation pass
-    distill_temperature: float = 2.0
-    distill_lr: float = 0.01
-    distill_delay: float = 0.0  # extra seconds per pass: simulates a slow distillation server
-    distill_threads: int = 1  # torch threads of the distillation server; 0: torch's default
-    final_passes: int = 1  # continuous mode: passes on the final model before stopping
-    forward_distill_every: int = 0  # 0: never; sync: every N rounds; async: every N passes
-    channel_backend: str = "directory"
-    channel_dir: str = ""  # empty: <results folder>/channel (async-distill only)
-    channel_timeout: float = 300.0  # seconds a server waits for the other before giving up
-    target_accuracy: float = 0.9  # summary: first time the global model reaches it
-    initial_forward_distill: int = 1  # 1: first small model = forward-distilled global (paper)
-    global_test: str = "server"  # server: held-out share of its pool | clients: their tests
-    global_test_fraction: float = 0.5  # share of the server pool held out to test the global
-    snapshot_every_s: float = 2.0  # global-model snapshot grid (tested after the run); 0: passes
-    # baselines (fedapps/strategies/{hypcluster,fml,pfedme,mapper}.py; README, "Comparing")
-    hypcluster_k: int = 2  # number of global models (the FedMe paper's value)
-    fml_alpha: float = 0.5  # FML: CE weight of the private model's loss (KL gets 1 - alpha)
-    fml_beta: float = 0.5  # FML: CE weight of the shared (meme) model's loss
-    pfedme_lambda: float = 15.0  # pFedMe: strength of the Moreau-envelope proximal term
-    pfedme_inner_steps: int = 5  # pFedMe: gradient steps on theta per minibatch (K)
-    pfedme_personal_lr: float = 0.05  # pFedMe: learning rate of those steps
-    pfedme_beta: float = 1.0  # pFedMe: server mixing, w <- (1 - beta) w + beta avg(w_i)
-    mapper_lambda_init: float = 0.5  # MAPPER: initial weight of the local parameters
 
-    # ------------------------------------------------------------------ parsing
+class RunConfig(BaseModel):
+    """Every knob of a run; attribute names are the keys' last part with '-' -> '_'."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
+                              alias_generator=lambda name: name.replace("_", "-"))
+
+    # ---------------------------------------------------------------- shared: data
+    method: Literal[METHOD_NAMES] = option("fedme", "the method to run (docs/architecture.md)")
+    dataset: Literal[DATASET_NAMES] = option("digits", "data set (docs/data.md)")
+    data_path: str = option("", "file or folder of the data set; empty: the packaged copy")
+    partitioner: Literal["iid", "dirichlet", "natural"] = option("dirichlet", "client partition")
+    partition_file: str = option("", "a saved partition (JSON); replaces the partitioner")
+    alpha_label: float = option(0.5, "Dirichlet concentration of labels per client", gt=0)
+    alpha_size: float = option(10.0, "Dirichlet concentration of client sizes", gt=0)
+    num_clients: int = option(10, "number of clients (SuperNodes)", ge=1)
+    unlabeled_size: int = option(-1, "server's unlabeled pool; -1: min(1000, 15% of data)",
+                                 ge=-1)
+    val_fraction: float = option(0.2, "share of each client's data for validation", ge=0, lt=1)
+    test_fraction: float = option(0.2, "share of each client's data for testing", ge=0, lt=1)
+    min_client_samples: int = option(10, "fewest samples a client may hold", ge=0)
+    # -------------------------------------------------------------- shared: training
+    model: Literal[MODEL_NAMES] = option("cnn2", "model (the small distilled one for distill)")
+    num_rounds: int = option(20, "rounds", ge=1)
+    local_epochs: int = option(2, "epochs per round on each client", ge=0)
+    batch_size: int = option(20, "minibatch size", ge=1)
+    lr: float = option(0.05, "SGD learning rate", gt=0)
+    momentum: float = option(0.9, "SGD momentum", ge=0)
+    weight_decay: float = option(1e-4, "SGD weight decay", ge=0)
+    clip_norm: float = option(10.0, "gradient-norm clipping (0: off)", ge=0)
+    finetune_epochs: int = option(2, "epochs of fine-tuning before the final test", ge=0)
+    dml_temperature: float = option(1.0, "softmax temperature of mutual learning (FedMe, FML)",
+                                    gt=0)
+    eval_every: int = option(1, "test every N rounds (and the last)", ge=1)
+    seed: int = option(0, "every random choice: same seed, same partition, same result")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: the GPU when there is one")
+    results_dir: str = option("results", "where run folders are written")
+    # ------------------------------------------------ shared: real deployments (docs/faults.md)
+    fraction_train: float = option(1.0, "share of clients that train each round", gt=0, le=1)
+    min_replies: int = option(1, "fewer usable replies than this: the round is skipped", ge=1)
+    round_timeout: float = option(3600.0, "seconds a phase waits; late replies are left out",
+                                  gt=0)
+    checkpoint_every: int = option(0, "save the server state every N rounds (0: never)", ge=0)
+    run_name: str = option("", "fixed results folder <results-dir>/<run-name>; restarts resume")
+    fault_injection: str = option("", "testing: 'error|nan|slow:client:round,...' on purpose")
+
+    # ------------------------------------------------------------ fedme (docs/fedme-tuning.md)
+    candidate_models: str = option("cnn1,cnn2,cnn3,cnn4", "architectures auto-tuning may pick",
+                                   "fedme", "candidate-models")
+    init_arch: str = option("local-best", "local-best | random | a model | one per client",
+                            "fedme", "init-arch")
+    local_best_epochs: int = option(30, "epoch budget per candidate for local-best", "fedme",
+                                    "local-best-epochs", ge=0)
+    local_best_patience: int = option(5, "early stopping: epochs without a better validation",
+                                      "fedme", "local-best-patience", ge=1)
+    local_best_pooling: float = option(50.0, "pseudo-count shrinking local-best to all clients "
+                                       "(0: the paper)", "fedme", "local-best-pooling", ge=0)
+    adoption_rule: Literal[ADOPTION_RULES] = option("loss", "when the exchange model is adopted",
+                                                    "fedme", "adoption-rule")
+    adoption_margin: float = option(0.0, "how much better the exchange model must be", "fedme",
+                                    "adoption-margin", ge=0)
+    adoption_warmup: int = option(0, "rounds in which only the own architecture is adopted",
+                                  "fedme", "adoption-warmup", ge=0)
+    dml_kl_weight: float = option(1.0, "weight of the KL term of mutual learning", "fedme",
+                                  "dml-kl-weight", ge=0)
+    cluster_schedule: str = option("paper", "'paper' (K 1->4) or 'round:k,...'", "fedme",
+                                   "cluster-schedule")
+    cluster_on: Literal["softmax", "logits"] = option("softmax", "model outputs k-means uses",
+                                                      "fedme", "cluster-on")
+    kmeans_restarts: int = option(10, "k-means++ restarts", "fedme", "kmeans-restarts", ge=1)
+    aggregation_weighting: Literal["uniform", "samples"] = option(
+        "uniform", "weights of eq. 8 averaging", "fedme", "aggregation-weighting")
+
+    # ----------------------------------------------------------- distill (docs/async-distill.md)
+    global_model: Literal[MODEL_NAMES] = option("cnn-large", "the large model the server holds",
+                                                "distill", "global-model")
+    distill_mode: Literal["per-round", "continuous"] = option(
+        "continuous", "async-distill: distil once per round or continuously", "distill", "mode")
+    distill_epochs: int = option(1, "epochs over the unlabeled pool per pass", "distill",
+                                 "epochs", ge=0)
+    distill_temperature: float = option(2.0, "distillation temperature", "distill",
+                                        "temperature", gt=0)
+    distill_lr: float = option(0.01, "distillation learning rate", "distill", "lr", gt=0)
+    distill_delay: float = option(0.0, "extra seconds per pass (a slow server)", "distill",
+                                  "delay", ge=0)
+    distill_threads: int = option(1, "torch threads of the distillation server (0: default)",
+                                  "distill", "threads", ge=0)
+    final_passes: int = option(1, "continuous: passes on the final model", "distill",
+                               "final-passes", ge=1)
+    forward_distill_every: int = option(0, "accuracy recovery: forward-distil every N "
+                                        "(0: never)", "distill", "forward-distill-every", ge=0)
+    channel_backend: Literal["directory"] = option("directory", "how the two servers talk",
+                                                   "distill", "channel-backend")
+    channel_dir: str = option("", "channel folder (empty: <results folder>/channel)", "distill",
+                              "channel-dir")
+    channel_timeout: float = option(300.0, "seconds a server waits for the other", "distill",
+                                    "channel-timeout", gt=0)
+    target_accuracy: float = option(0.9, "summary: first time the global model reaches it",
+                                    "distill", "target-accuracy", gt=0, le=1)
+    initial_forward_distill: Literal[0, 1] = option(
+        1, "1: the first small model is the forward-distilled global one (the paper)",
+        "distill", "initial-forward-distill")
+    global_test: Literal["server", "clients"] = option(
+        "server", "test the global model on the server's held-out set or the clients' tests",
+        "distill", "global-test")
+    global_test_fraction: float = option(0.5, "share of the server pool held out for testing",
+                                         "distill", "global-test-fraction", gt=0, lt=1)
+    snapshot_every_s: float = option(2.0, "global-model snapshot grid in seconds (0: passes)",
+                                     "distill", "snapshot-every-s", ge=0)
+
+    # ----------------------------------------------- the paper's baselines (docs/comparison.md)
+    hypcluster_k: int = option(2, "number of global models", "hypcluster", "k", ge=1)
+    fml_alpha: float = option(0.5, "CE weight of the private model's loss", "fml", "alpha",
+                              ge=0, le=1)
+    fml_beta: float = option(0.5, "CE weight of the shared (meme) model's loss", "fml", "beta",
+                             ge=0, le=1)
+    pfedme_lambda: float = option(15.0, "strength of the Moreau-envelope term", "pfedme",
+                                  "lambda", gt=0)
+    pfedme_inner_steps: int = option(5, "gradient steps on theta per minibatch (K)", "pfedme",
+                                     "inner-steps", ge=1)
+    pfedme_personal_lr: float = option(0.05, "learning rate of those steps", "pfedme",
+                                       "personal-lr", gt=0)
+    pfedme_beta: float = option(1.0, "server mixing w <- (1 - beta) w + beta avg(w_i)",
+                                "pfedme", "beta", gt=0)
+    mapper_lambda_init: float = option(0.5, "initial weight of the local parameters", "mapper",
+                                       "lambda-init", gt=0, lt=1)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(one_line(error, values)) from None
+
+    # ------------------------------------------------------------------------ parsing
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from kebab-case keys; unknown keys are an error (typos must not pass)."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                allowed = ", ".join(sorted(k.replace("_", "-") for k in known))
-                raise ConfigError(f"unknown config key '{key}'; known keys: {allowed}")
-            kwargs[name] = _coerce(key, value, known[name].type)
-        config = cls(**kwargs)
-        config.validate()
-        return config
-
-    def to_dict(self) -> dict[str, Any]:
-        """Kebab-case view, as written to the results folder and sent to clients."""
-        return {
-            f.name.replace("_", "-"): getattr(self, f.name)
-            for f in dataclasses.fields(self)
-        }
+        """From Flower's flat keys, or TOML tables (``{"fedme": {...}}``) as tomllib reads them."""
+        return cls(**flatten(values))
 
     def replace(self, **changes: Any) -> RunConfig:
-        config = dataclasses.replace(self, **changes)
-        config.validate()
-        return config
+        """A copy with some attributes changed, validated again."""
+        return RunConfig(**{**self.model_dump(), **changes})
 
-    # ------------------------------------------------------------- derived views
+    def to_dict(self) -> dict[str, Any]:
+        """The flat keys, as written to the results folder and sent to clients."""
+        return self.model_dump(by_alias=True)
+
+    # -------------------------------------------------------------------- validation
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans(cls, values: Any) -> Any:
+        for key, value in dict(values).items():
+            if isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r}: expected a number or a string")
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        self._method_uses_every_key()
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"val-fraction + test-fraction = {self.val_fraction + self.test_fraction}: "
+                "must be < 1 so that clients keep training data"
+            )
+        if self.run_name and ("/" in self.run_name or self.run_name.startswith(".")):
+            raise ConfigError(f"run-name='{self.run_name}': a plain folder name is expected")
+        for key, path in (("data-path", self.data_path), ("partition-file", self.partition_file)):
+            if path and not Path(path).exists():
+                raise ConfigError(f"{key}='{path}': no such file or directory")
+        self.faults()
+        self.cluster_schedule_pairs()
+        for name in self.candidates:
+            if name not in MODELS:
+                raise ConfigError(f"fedme.candidate-models: '{name}' is not a model; "
+                                  f"allowed: {', '.join(MODELS)}")
+        if not self.candidates:
+            raise ConfigError("fedme.candidate-models is empty; give at least one model name")
+        self._validate_init_arch()
+        if self.method in ("async-averaging", "async-distillation") and not self.channel_dir:
+            raise ConfigError(
+                f"method='{self.method}' runs one half of async-distill and needs "
+                "distill.channel-dir: the folder (on storage both servers reach) they share"
+            )
+        return self
+
+    def _method_uses_every_key(self) -> None:
+        """A key the method cannot honour is an error, not a silent no-op."""
+        used = METHOD_SECTIONS[self.method]
+        for name, field in type(self).model_fields.items():
+            key = field.alias or name
+            section = field.json_schema_extra["section"]
+            unused = (section and section not in used) or (
+                key in HONOURED_BY and self.method not in HONOURED_BY[key])
+            if unused and getattr(self, name) != field.default:
+                raise ConfigError(f"{key}={getattr(self, name)!r}: method '{self.method}' "
+                                  "does not use this key")
+
+    def _validate_init_arch(self) -> None:
+        if self.init_arch in INIT_ARCH_MODES:
+            return
+        names = [name.strip() for name in self.init_arch.split(",")]
+        for name in names:
+            if name not in MODELS:
+                raise ConfigError(
+                    f"fedme.init-arch='{self.init_arch}': '{name}' is not a model; allowed: "
+                    f"{', '.join(INIT_ARCH_MODES)}, one model name, or a comma-separated "
+                    f"list of one model per client; models: {', '.join(MODELS)}"
+                )
+        if len(names) > 1 and not self.partition_file and len(names) != self.num_clients:
+            raise ConfigError(
+                f"fedme.init-arch lists {len(names)} models but num-clients="
+                f"{self.num_clients}; give one model per client or a single name for all"
+            )
+
+    # ------------------------------------------------------------------ derived views
     @property
     def candidates(self) -> list[str]:
         return [name.strip() for name in self.candidate_models.split(",") if name.strip()]
@@ -157,16 +298,21 @@ class RunConfig:
                 start, k = (int(part) for part in item.split(":"))
             except ValueError:
                 raise ConfigError(
-                    f"cluster-schedule='{self.cluster_schedule}': expected 'paper' or "
-                    "'round:k,round:k,...' (e.g. '1:1,10:2'); bad item "
-                    f"'{item}'"
+                    f"fedme.cluster-schedule='{self.cluster_schedule}': expected 'paper' or "
+                    f"'round:k,round:k,...' (e.g. '1:1,10:2'); bad item '{item}'"
                 ) from None
             if start < 1 or k < 1:
-                raise ConfigError(
-                    f"cluster-schedule='{self.cluster_schedule}': rounds and k must be >= 1"
-                )
+                raise ConfigError(f"fedme.cluster-schedule='{self.cluster_schedule}': rounds "
+                                  "and k must be >= 1")
             pairs.append((start, k))
         return sorted(pairs)
+
+    def clusters_at(self, server_round: int) -> int:
+        k = 1
+        for start, value in self.cluster_schedule_pairs():
+            if server_round >= start:
+                k = value
+        return k
 
     def faults(self) -> dict[tuple[int, int], str]:
         """``fault-injection`` as {(client, round): kind}; kinds: error, nan, slow."""
@@ -184,144 +330,135 @@ class RunConfig:
                 )
         return faults
 
-    def clusters_at(self, server_round: int) -> int:
-        k = 1
-        for start, value in self.cluster_schedule_pairs():
-            if server_round >= start:
-                k = value
-        return k
 
-    # --------------------------------------------------------------- validation
-    def validate(self) -> None:
-        # Registries are imported here because they import this module.
-        from fedapps.data.registry import DATASETS
-        from fedapps.models import MODELS
-        from fedapps.server import METHODS
-
-        _one_of("method", self.method, tuple(METHODS))
-        _one_of("dataset", self.dataset, tuple(DATASETS))
-        _one_of("partitioner", self.partitioner, PARTITIONERS)
-        _one_of("cluster-on", self.cluster_on, CLUSTER_INPUTS)
-        _one_of("aggregation-weighting", self.aggregation_weighting, WEIGHTINGS)
-        _one_of("device", self.device, DEVICES)
-        _one_of("adoption-rule", self.adoption_rule, ADOPTION_RULES)
-        _one_of("model", self.model, tuple(MODELS))
-        for name in self.candidates:
-            _one_of("candidate-models", name, tuple(MODELS))
-        if not self.candidates:
-            raise ConfigError("candidate-models is empty; give at least one model name")
-        self._validate_init_arch(tuple(MODELS))
-        self._require(("alpha-label", "alpha-size", "lr", "dml-temperature", "round-timeout"),
-                      lambda v: v > 0, "> 0")
-        self._require(("num-clients", "num-rounds", "batch-size", "eval-every",
-                       "kmeans-restarts", "min-replies"), lambda v: v >= 1, ">= 1")
-        self._require(("local-epochs", "finetune-epochs", "local-best-epochs",
-                       "min-client-samples", "momentum", "weight-decay", "clip-norm",
-                       "dml-kl-weight", "checkpoint-every", "adoption-margin",
-                       "local-best-pooling",
-                       "adoption-warmup"), lambda v: v >= 0, ">= 0")
-        self._require(("local-best-patience",), lambda v: v >= 1, ">= 1")
-        self._require(("val-fraction", "test-fraction"), lambda v: 0 <= v < 1, "in [0, 1)")
-        self._require(("fraction-train",), lambda v: 0 < v <= 1, "in (0, 1]")
-        if self.run_name and ("/" in self.run_name or self.run_name.startswith(".")):
-            raise ConfigError(f"run-name='{self.run_name}': a plain folder name is expected")
-        self.faults()
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(
-                f"val-fraction + test-fraction = {self.val_fraction + self.test_fraction}: "
-                "must be < 1 so that clients keep training data"
-            )
-        if self.unlabeled_size < -1:
-            raise ConfigError(
-                f"unlabeled-size={self.unlabeled_size}: must be -1 (automatic) or >= 0"
-            )
-        if self.data_path and not Path(self.data_path).exists():
-            raise ConfigError(f"data-path='{self.data_path}': no such file or directory")
-        if self.partition_file and not Path(self.partition_file).is_file():
-            raise ConfigError(f"partition-file='{self.partition_file}': no such file")
-        self.cluster_schedule_pairs()
-        self._validate_distillation(tuple(MODELS))
-        self._validate_baselines()
-
-    def _validate_distillation(self, models: tuple[str, ...]) -> None:
-        """Keys of the asynchronous distillation methods (checked for every run: cheap)."""
-        from fedapps.distill.channel import CHANNELS
-
-        _one_of("global-model", self.global_model, models)
-        _one_of("distill-mode", self.distill_mode, DISTILL_MODES)
-        _one_of("channel-backend", self.channel_backend, tuple(CHANNELS))
-        self._require(("distill-temperature", "distill-lr", "channel-timeout"),
-                      lambda v: v > 0, "> 0")
-        self._require(("final-passes",), lambda v: v >= 1, ">= 1")
-        self._require(("distill-epochs", "forward-distill-every", "distill-delay",
-                       "distill-threads"), lambda v: v >= 0, ">= 0")
-        self._require(("target-accuracy",), lambda v: 0 < v <= 1, "in (0, 1]")
-        _one_of("global-test", self.global_test, GLOBAL_TESTS)
-        self._require(("global-test-fraction",), lambda v: 0 < v < 1, "in (0, 1)")
-        self._require(("snapshot-every-s",), lambda v: v >= 0, ">= 0")
-        self._require(("initial-forward-distill",), lambda v: v in (0, 1), "0 or 1")
-        if self.method in ("async-averaging", "async-distillation") and not self.channel_dir:
-            raise ConfigError(
-                f"method='{self.method}' runs one half of async-distill and needs channel-dir: "
-                "the folder (on storage both servers can reach) the two halves share"
-            )
-
-    def _validate_baselines(self) -> None:
-        """Keys of the paper's baselines (HypCluster, FML, pFedMe, MAPPER)."""
-        self._require(("hypcluster-k", "pfedme-inner-steps"), lambda v: v >= 1, ">= 1")
-        self._require(("pfedme-lambda", "pfedme-personal-lr", "pfedme-beta"),
-                      lambda v: v > 0, "> 0")
-        self._require(("fml-alpha", "fml-beta"), lambda v: 0 <= v <= 1, "in [0, 1]")
-        if not 0 < self.mapper_lambda_init < 1:
-            raise ConfigError(
-                f"mapper-lambda-init={self.mapper_lambda_init}: must be in (0, 1) (the mixing "
-                "weight is learned through a sigmoid, which never reaches 0 or 1)"
-            )
-
-    def _require(self, keys: tuple[str, ...], ok: Callable[[Any], bool], allowed: str) -> None:
-        for key in keys:
-            value = getattr(self, key.replace("-", "_"))
-            if not ok(value):
-                raise ConfigError(f"{key}={value}: must be {allowed}")
-
-    def _validate_init_arch(self, models: tuple[str, ...]) -> None:
-        if self.init_arch in INIT_ARCH_MODES:
-            return
-        names = [name.strip() for name in self.init_arch.split(",")]
-        for name in names:
-            if name not in models:
-                raise ConfigError(
-                    f"init-arch='{self.init_arch}': '{name}' is not a model; allowed: "
-                    f"{', '.join(INIT_ARCH_MODES)}, one model name, or a comma-separated "
-                    f"list of one model per client; models: {', '.join(models)}"
-                )
-        if len(names) > 1 and not self.partition_file and len(names) != self.num_clients:
-            raise ConfigError(
-                f"init-arch lists {len(names)} models but num-clients={self.num_clients}; "
-                "give one model per client or a single name for all"
-            )
+# ---------------------------------------------------------------------------- messages
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}='{value}' is not known; allowed: {', '.join(allowed)}")
+def one_line(error: ValidationError, values: Mapping[str, Any]) -> str:
+    """The first problem of a pydantic error as ``key=value: what is allowed``."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "config"
+    field = field_of(key)
+    key = field.alias if field and field.alias else key
+    kind, context = first["type"], first.get("ctx", {})
+    value = first.get("input")
+    if kind == "value_error":
+        return str(context.get("error", first["msg"]))
+    if kind == "extra_forbidden":
+        return f"unknown config key '{key}'; known keys: {', '.join(sorted(all_keys()))}"
+    if kind == "literal_error":
+        allowed = get_args(field.annotation) if field else ()
+        return (f"{key}={value!r} is not known; allowed: "
+                f"{', '.join(str(a) for a in allowed)}")
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
+              "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        limits = {name: f"{limit:g}" for name, limit in context.items()}
+        return f"{key}={value!r}: must be {bounds[kind].format(**limits)}"
+    expected = {"int": "an integer", "float": "a number", "string": "a string"}
+    for prefix, wanted in expected.items():
+        if kind.startswith(prefix):
+            return f"{key}={value!r}: expected {wanted}"
+    return f"{key}={value!r}: {first['msg']}"
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Accept what TOML and the Flower CLI give (ints for floats, numeric strings)."""
-    kind = {"int": int, "float": float, "str": str}.get(str(annotation))
-    if kind is None:
-        return value
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a string")
-        return value
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: expected a number")
+def field_of(key: str) -> FieldInfo | None:
+    for name, field in RunConfig.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
+
+
+def all_keys() -> list[str]:
+    return [field.alias or name for name, field in RunConfig.model_fields.items()]
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"fedme": {"init-arch": "x"}}`` -> ``{"fedme.init-arch": "x"}`` (as Flower does)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ------------------------------------------------------------------- files and commands
+
+
+def app_defaults(project: Path = PROJECT) -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of pyproject.toml, flattened."""
+    with (project / "pyproject.toml").open("rb") as stream:
+        return flatten(tomllib.load(stream)["tool"]["flwr"]["app"]["config"])
+
+
+def resolve(config_file: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults < config file < overrides, checked, with paths made absolute for the apps."""
+    values = app_defaults()
+    if config_file:
+        try:
+            with open(config_file, "rb") as stream:
+                values.update(flatten(tomllib.load(stream)))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"config file '{config_file}': {error}") from None
+    values.update(flatten(overrides))
+    RunConfig.from_mapping(values)  # fail here, before Flower starts, on a bad config
+    for key in PATH_KEYS:
+        if values.get(key):
+            values[key] = str(Path(values[key]).resolve())
+    return values
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``--set key=value`` with the value read as TOML (bare strings need no quotes)."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set expects key=value, got '{item}'")
     try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r}: expected {kind.__name__}") from None
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise ConfigError(f"{key}={value!r}: expected an integer")
-    return number
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def exit_on_bad_input(main: Callable[[], int]) -> int:
+    """Run a command's ``main``: a bad config or data path prints one line and exits with 2;
+    a real bug keeps its traceback."""
+    try:
+        return main()
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def markdown_table() -> str:
+    """docs/config.md: every key with its default and meaning, grouped by section."""
+    lines = ["# Configuration keys", "",
+             "Generated by `python -m fedapps.config > docs/config.md` from `fedapps/config.py`; "
+             "`tests/test_config.py` checks that they agree. Shared keys first, then one "
+             "section per method (`[tool.flwr.app.config.<section>]` in pyproject.toml, "
+             "`[<section>]` in a conf file, `<section>.<key>` with `--set`). A method rejects a "
+             "non-default value of a key it does not use.", ""]
+    current = None
+    for name, field in RunConfig.model_fields.items():
+        section = field.json_schema_extra["section"] or "shared"
+        if section != current:
+            used_by = [m for m, s in METHOD_SECTIONS.items() if section in s] or ["every method"]
+            lines += ["", f"## {section}", "", f"Used by: {', '.join(used_by)}.", "",
+                      "| key | default | meaning |", "|---|---|---|"]
+            current = section
+        key = field.alias or name
+        note = (f" (only {', '.join(HONOURED_BY[key])})" if key in HONOURED_BY else "")
+        lines.append(f"| `{key}` | `{field.default!r}` | {field.description}{note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argparse.ArgumentParser(description="Print docs/config.md.").parse_args(argv)
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

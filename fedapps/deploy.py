@@ -6,7 +6,7 @@ Unlike :mod:`fedapps.launch` (Flower's simulation engine), this starts ``flower-
 one ``flower-supernode`` per client, talking over loopback HTTP exactly as separate machines
 would, so it exercises node configs, connections, polling and node failures before a real
 rollout. Everything runs insecure on free 127.0.0.1 ports with a private FLWR_HOME, and every
-process started is killed on exit, also on errors and timeouts (README, "Deployment").
+process started is killed on exit, also on errors and timeouts (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -26,15 +26,8 @@ from typing import Any
 
 import psutil
 
-from fedapps.launch import (
-    PROJECT,
-    flwr_environment,
-    free_port,
-    num_supernodes,
-    parse_override,
-    resolve,
-    write_run_config,
-)
+from fedapps.config import PROJECT, exit_on_bad_input, parse_override, resolve
+from fedapps.launch import flwr_environment, free_port, num_supernodes, write_run_config
 
 CONNECTION = "rehearsal"
 START_TIMEOUT_S = 60.0
@@ -216,4 +209,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_bad_input(main))

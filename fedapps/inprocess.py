@@ -11,13 +11,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedapps import server
 from fedapps.client import HANDLERS
-from fedapps.config import RunConfig
-from fedapps.launch import app_defaults
+from fedapps.config import RunConfig, app_defaults
 
 
 class InProcessGrid:
@@ -39,7 +39,12 @@ class InProcessGrid:
         for message in messages:
             kind, _, action = message.metadata.message_type.partition(".")
             handler = HANDLERS[(kind, action)]
-            replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
+            try:
+                replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as error:  # as Flower does: the client's error becomes its reply
+                reason = f"{type(error).__name__}: {error}"
+                replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),
+                                       reply_to=message))
         return replies
 
 

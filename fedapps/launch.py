@@ -16,54 +16,21 @@ import os
 import socket
 import subprocess
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from fedapps.config import RunConfig
+from fedapps.config import PROJECT, exit_on_bad_input, parse_override, resolve
 
-PROJECT = Path(__file__).resolve().parent.parent
-PATH_KEYS = ("data-path", "partition-file", "results-dir")
 LOCAL_CONNECTION = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-
-
-def app_defaults(project: Path = PROJECT) -> dict[str, Any]:
-    with (project / "pyproject.toml").open("rb") as stream:
-        return tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
-
-
-def resolve(config_file: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults < config file < overrides, with paths made absolute for the app processes."""
-    values = app_defaults()
-    if config_file:
-        with open(config_file, "rb") as stream:
-            values.update(tomllib.load(stream))
-    values.update(overrides)
-    RunConfig.from_mapping(values)  # fail here, before Flower starts, on a bad config
-    for key in PATH_KEYS:
-        if values.get(key):
-            values[key] = str(Path(values[key]).resolve())
-    return values
 
 
 def num_supernodes(values: Mapping[str, Any]) -> int:
     if values.get("partition-file"):
         return len(json.loads(Path(values["partition-file"]).read_text())["clients"])
     return int(values["num-clients"])
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set expects key=value, got '{item}'")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # bare strings need no quotes on the command line
-    return key.strip(), value
 
 
 def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
@@ -142,4 +109,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_bad_input(main))

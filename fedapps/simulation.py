@@ -17,7 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedapps import server
 from fedapps.client import build_client_app
-from fedapps.launch import app_defaults, num_supernodes
+from fedapps.config import app_defaults
+from fedapps.launch import num_supernodes
 
 
 def simulate(

@@ -7,7 +7,7 @@ evaluation and batched inference all live here, so the Flower layer only moves t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -236,3 +236,19 @@ def evaluate(
     loss = F.cross_entropy(logits, y).item()
     accuracy = (logits.argmax(dim=1) == y).float().mean().item()
     return EvalResult(loss, accuracy, len(y))
+
+
+def average_states(
+    states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Weighted mean of state dicts of one architecture (integer buffers keep the first)."""
+    weights = weights or [1.0] * len(states)
+    total = float(sum(weights))
+    result = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            stacked = torch.stack([s[name].double() * w for s, w in zip(states, weights)])
+            result[name] = (stacked.sum(dim=0) / total).to(first.dtype)
+        else:
+            result[name] = first.clone()
+    return result

@@ -8,10 +8,10 @@ Two decisions make FedMe pick architectures by itself:
 * **adoption** (every round): after deep mutual learning the client compares its personal model
   with the exchange model on validation data and may adopt the exchange model, architecture
   included. The paper adopts when the exchange model's validation loss is strictly lower
-  (``adoption-rule = "loss"``). That rule lets the smallest model take over in the first rounds:
-  it learns fastest, so it has the lowest loss after two epochs, although a larger model ends
-  better (docs/fedme-tuning.md, "Why tuning drifted to the smallest model"). The other rules
-  are named options.
+  (``fedme.adoption-rule = "loss"``). That rule lets the smallest model take over in the first
+  rounds: it learns fastest, so it has the lowest loss after two epochs, although a larger model
+  ends better (docs/fedme-tuning.md, "Why tuning drifted to the smallest model"). The other
+  rules are named options.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from fedapps import training
 from fedapps.config import ADOPTION_RULES, RunConfig
-from fedapps.data import Split
+from fedapps.data.federated import Split
 from fedapps.training import EvalResult, Optim
 
 
@@ -51,7 +51,8 @@ class AdoptionRule:
     def __post_init__(self) -> None:
         if self.rule not in ADOPTION_RULES:
             raise ValueError(
-                f"adoption-rule='{self.rule}' is not known; allowed: {', '.join(ADOPTION_RULES)}"
+                f"fedme.adoption-rule='{self.rule}' is not known; allowed: "
+                f"{', '.join(ADOPTION_RULES)}"
             )
 
     def adopt(

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedapps.protocol.results import read_rounds
+
 
 def as_server_task() -> None:
     """Flower only builds messages inside a run; tests pose as run 1's server."""
@@ -22,6 +24,12 @@ def context(partition_id: int, num_partitions: int) -> Context:
     node_config = {"partition-id": partition_id, "num-partitions": num_partitions}
     return Context(run_id=1, node_id=partition_id, node_config=node_config,
                    state=RecordDict(), run_config={})
+
+
+def comparable_rounds(folder) -> list[dict]:
+    """A run's round records without timings: what a resumed run must reproduce exactly."""
+    return [{k: v for k, v in row.items() if k != "time" and not k.endswith("-s")}
+            for row in read_rounds(folder)]
 
 
 def reply_from(node: int, content: RecordDict, error: str | None = None) -> SimpleNamespace:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-
 import pytest
 import torch
 
-from fedapps import baselines_client as bc
-from fedapps.config import ConfigError, RunConfig
-from fedapps.data import client_data
-from fedapps.messages import new_model
-from fedapps.strategies.hypcluster import aggregate_clusters
+from fedapps.config import ConfigError, RunConfig, app_defaults
+from fedapps.data.federated import client_data
+from fedapps.methods.fml import train_fml
+from fedapps.methods.hypcluster import aggregate_clusters, choose_model
+from fedapps.methods.mapper import mixed_state, train_mapper
+from fedapps.methods.pfedme import train_pfedme
+from fedapps.protocol.messages import new_model
 from fedapps.training import Optim, evaluate, train
 
-BASELINE_KEYS = ("hypcluster-k", "fml-alpha", "fml-beta", "pfedme-lambda", "pfedme-inner-steps",
-                 "pfedme-personal-lr", "pfedme-beta", "mapper-lambda-init")
+BASELINE_KEYS = ("hypcluster.k", "fml.alpha", "fml.beta", "pfedme.lambda", "pfedme.inner-steps",
+                 "pfedme.personal-lr", "pfedme.beta", "mapper.lambda-init")
 CPU = torch.device("cpu")
 
 
@@ -39,16 +38,15 @@ def _trained(config, data, seed: int = 0, epochs: int = 3):
 
 
 def test_baseline_keys_match_pyproject():
-    with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as stream:
-        app = tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
+    app = app_defaults()
     defaults = RunConfig().to_dict()
     for key in BASELINE_KEYS:
         assert app[key] == defaults[key], key
 
 
-@pytest.mark.parametrize("key, value", [("hypcluster-k", 0), ("fml-alpha", 1.5),
-                                        ("pfedme-lambda", 0), ("pfedme-inner-steps", 0),
-                                        ("mapper-lambda-init", 1.0)])
+@pytest.mark.parametrize("key, value", [("hypcluster.k", 0), ("fml.alpha", 1.5),
+                                        ("pfedme.lambda", 0), ("pfedme.inner-steps", 0),
+                                        ("mapper.lambda-init", 1.0)])
 def test_bad_baseline_values_are_rejected(key, value):
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_mapping({key: value})
@@ -59,7 +57,7 @@ def test_hypcluster_assigns_the_lower_loss_model(config, data):
     untrained = new_model(config.model, config)
     trained = _trained(config, data)
     for models, expected in (([untrained, trained], 1), ([trained, untrained], 0)):
-        chosen, losses = bc.choose_model(models, data.train.x, data.train.y, CPU)
+        chosen, losses = choose_model(models, data.train.x, data.train.y, CPU)
         assert chosen == expected
         assert losses[chosen] == min(losses)
 
@@ -81,7 +79,7 @@ def test_pfedme_personal_model_differs_from_global_and_fits_better(config, data)
     local.load_state_dict(start.state_dict())
     personal = new_model(config.model, config)
     personal.load_state_dict(start.state_dict())
-    bc.train_pfedme(local, personal, data.train.x, data.train.y, 2, Optim(),
+    train_pfedme(local, personal, data.train.x, data.train.y, 2, Optim(),
                     torch.Generator().manual_seed(0), CPU, lam=15.0, inner_steps=3,
                     personal_lr=0.05)
     def distance(a, b):
@@ -98,11 +96,11 @@ def test_mapper_mixes_parameters_and_learns_the_weight(config, data):
     shared_model = new_model(config.model, config)
     shared = {k: v.detach().clone() for k, v in shared_model.named_parameters()}
     local = {k: v.clone() + 0.01 for k, v in shared.items()}
-    one = bc.mixed_state(local, shared, torch.tensor(1.0))
+    one = mixed_state(local, shared, torch.tensor(1.0))
     assert all(torch.equal(one[k], local[k]) for k in shared)
     logit = torch.tensor(0.0)
     before = evaluate(shared_model, data.train.x, data.train.y, CPU).loss
-    loss = bc.train_mapper(shared_model, local, logit, shared, data.train.x, data.train.y, 2,
+    loss = train_mapper(shared_model, local, logit, shared, data.train.x, data.train.y, 2,
                            Optim(), torch.Generator().manual_seed(0), CPU)
     assert logit.item() != 0.0 and loss < before
 
@@ -110,9 +108,9 @@ def test_mapper_mixes_parameters_and_learns_the_weight(config, data):
 def test_fml_trains_both_models(config, data):
     torch.manual_seed(0)
     local, meme = new_model(config.model, config), new_model(config.model, config)
-    first = bc.train_fml(local, meme, data.train.x, data.train.y, 1, Optim(),
+    first = train_fml(local, meme, data.train.x, data.train.y, 1, Optim(),
                          torch.Generator().manual_seed(0), CPU, 0.5, 0.5)
-    last = bc.train_fml(local, meme, data.train.x, data.train.y, 3, Optim(),
+    last = train_fml(local, meme, data.train.x, data.train.y, 3, Optim(),
                         torch.Generator().manual_seed(1), CPU, 0.5, 0.5)
     assert last[0] < first[0] and last[1] < first[1]
 

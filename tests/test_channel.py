@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from fedapps.distill.channel import (
+from fedapps.methods.distill.channel import (
     ChannelError,
     ChannelTimeout,
     DirectoryChannel,
@@ -88,9 +88,9 @@ def test_old_versions_are_pruned_and_empty_topics_read_as_none(tmp_path):
 
 
 def test_bad_inputs_have_clear_errors(tmp_path):
-    with pytest.raises(ChannelError, match="channel-backend='s3' is not known"):
+    with pytest.raises(ChannelError, match="distill.channel-backend='s3' is not known"):
         open_channel("s3", tmp_path)
-    with pytest.raises(ChannelError, match="channel-dir is empty"):
+    with pytest.raises(ChannelError, match="distill.channel-dir is empty"):
         open_channel("directory", "")
     with pytest.raises(ChannelError, match="topic 'Bad/Topic'"):
         DirectoryChannel(tmp_path).publish("Bad/Topic", model(0))

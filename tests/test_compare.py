@@ -24,7 +24,7 @@ def test_bad_specs_fail_before_any_run(tmp_path):
     with pytest.raises(TypeError):
         compare("fedavg", results_dir=tmp_path)
     with pytest.raises(TypeError):
-        compare(("fedme-cnn1", {"init-arch": "cnn1"}), results_dir=tmp_path)
+        compare(("fedme-cnn1", {"fedme.init-arch": "cnn1"}), results_dir=tmp_path)
     with pytest.raises(TypeError, match="spec"):
         compare(["fedavg", 3], results_dir=tmp_path)
 
@@ -57,7 +57,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("FEDAPPS_NOTEBOOK_SETTINGS", json.dumps({
-        "methods": [["fedme-cnn1", {"method": "fedme", "init-arch": "cnn1"}]],
+        "methods": [["fedme-cnn1", {"method": "fedme", "fedme.init-arch": "cnn1"}]],
         "seeds": [0], "num_clients": 3, "num_rounds": 2,
         "results_dir": str(tmp_path / "runs"),
     }))

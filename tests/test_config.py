@@ -1,17 +1,54 @@
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedapps.config import ConfigError, RunConfig
+from fedapps.config import ConfigError, RunConfig, app_defaults, markdown_table
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 
 def test_pyproject_defaults_match_runconfig():
-    with (PROJECT / "pyproject.toml").open("rb") as stream:
-        app_config = tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
-    assert app_config == RunConfig().to_dict()
+    assert app_defaults() == RunConfig().to_dict()
+
+
+def test_docs_key_table_is_generated_from_the_schema():
+    assert (PROJECT / "docs" / "config.md").read_text() == markdown_table(), (
+        "run: python -m fedapps.config > docs/config.md")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"method": "fedavg", "fedme.adoption-rule": "accuracy"},
+     "fedme.adoption-rule='accuracy': method 'fedavg' does not use this key"),
+    ({"method": "fedme", "hypcluster.k": 3}, "hypcluster.k=3: method 'fedme' does not use"),
+    ({"method": "local", "fraction-train": 0.5}, "fraction-train=0.5: method 'local' does not"),
+])
+def test_a_key_the_method_cannot_honour_is_rejected_with_its_name(values, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_mapping(values)
+    assert message in str(error.value)
+
+
+def test_tables_and_dotted_keys_are_the_same_config():
+    assert (RunConfig.from_mapping({"fedme": {"init-arch": "cnn1"}})
+            == RunConfig.from_mapping({"fedme.init-arch": "cnn1"}))
+
+
+@pytest.mark.parametrize(("command", "message"), [
+    (["-m", "fedapps.launch", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
+    (["-m", "fedapps.deploy", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
+    (["-m", "fedapps.launch", "conf/no-such.toml"], "config file 'conf/no-such.toml'"),
+    (["benchmarks/async_distill.py", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
+    (["benchmarks/compare_digits.py", "--rounds", "0"], "num-rounds=0: must be >= 1"),
+])
+def test_commands_print_one_line_and_exit_2_on_a_bad_config(command, message):
+    done = subprocess.run([sys.executable, *command], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: {message}")
 
 
 def test_every_conf_file_is_a_valid_override():
@@ -28,12 +65,12 @@ def test_every_conf_file_is_a_valid_override():
         ({"method": "fedprox"}, "method='fedprox' is not known; allowed: fedme"),
         ({"partitioner": "shards"}, "partitioner='shards' is not known"),
         ({"alpha-label": 0.0}, "alpha-label=0.0: must be > 0"),
-        ({"alpha-size": -1}, "alpha-size=-1.0: must be > 0"),
+        ({"alpha-size": -1}, "alpha-size=-1: must be > 0"),
         ({"data-path": "/no/such/file.npz"}, "data-path='/no/such/file.npz': no such file"),
         ({"num-rouds": 3}, "unknown config key 'num-rouds'"),
-        ({"num-clients": "many"}, "num-clients='many': expected int"),
-        ({"init-arch": "cnn1,cnn9"}, "'cnn9' is not a model"),
-        ({"cluster-schedule": "1:1,x"}, "bad item 'x'"),
+        ({"num-clients": "many"}, "num-clients='many': expected an integer"),
+        ({"fedme.init-arch": "cnn1,cnn9"}, "'cnn9' is not a model"),
+        ({"fedme.cluster-schedule": "1:1,x"}, "bad item 'x'"),
         ({"val-fraction": 0.5, "test-fraction": 0.5}, "must be < 1"),
     ],
 )
@@ -52,5 +89,5 @@ def test_paper_cluster_schedule():
 
 
 def test_custom_cluster_schedule():
-    config = RunConfig.from_mapping({"cluster-schedule": "1:1,3:2"})
+    config = RunConfig.from_mapping({"fedme.cluster-schedule": "1:1,3:2"})
     assert [config.clusters_at(r) for r in (1, 2, 3, 9)] == [1, 1, 2, 2]

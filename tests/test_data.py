@@ -6,7 +6,7 @@ from flwr.app import RecordDict
 
 from fedapps.client import describe
 from fedapps.config import ConfigError, RunConfig
-from fedapps.data import (
+from fedapps.data.federated import (
     DataError,
     client_data,
     load_dataset,
@@ -15,7 +15,7 @@ from fedapps.data import (
     save_partition,
 )
 from fedapps.data.shapes import SHAPES, make_shapes
-from fedapps.messages import config_record
+from fedapps.protocol.messages import config_record
 from tests.helpers import context, message
 
 

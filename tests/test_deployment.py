@@ -12,16 +12,17 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedapps.config import resolve
 from fedapps.deploy import Deployment, deployment
-from fedapps.launch import resolve, write_run_config
-from fedapps.results import read_rounds
+from fedapps.launch import write_run_config
+from fedapps.protocol.results import read_rounds
 
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 420.0
 SMALL = {
-    "method": "fedme", "num-clients": 3, "num-rounds": 2, "local-best-epochs": 1,
-    "local-epochs": 1, "finetune-epochs": 1, "candidate-models": "cnn1,cnn2",
+    "method": "fedme", "num-clients": 3, "num-rounds": 2, "fedme.local-best-epochs": 1,
+    "local-epochs": 1, "finetune-epochs": 1, "fedme.candidate-models": "cnn1,cnn2",
 }
 
 

@@ -10,10 +10,10 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedapps.config import ConfigError, RunConfig
-from fedapps.data import client_data, dataset_for, partition_for
-from fedapps.distill.averaging import HookedFedAvg
-from fedapps.distill.channel import DirectoryChannel
-from fedapps.distill.distillation import (
+from fedapps.data.federated import client_data, dataset_for, partition_for
+from fedapps.methods.distill.averaging import HookedFedAvg
+from fedapps.methods.distill.channel import DirectoryChannel
+from fedapps.methods.distill.distillation import (
     Distiller,
     GlobalLog,
     global_summary,
@@ -25,12 +25,14 @@ from fedapps.distill.distillation import (
 from fedapps.training import predict, soft_kl
 from tests.helpers import as_server_task, reply_from
 
-FAST = {"model": "cnn-small", "global-model": "cnn2", "num-clients": 3, "distill-epochs": 3,
-        "distill-lr": 0.05, "unlabeled-size": 300}
+FAST = {"method": "async-distill", "model": "cnn-small", "distill.global-model": "cnn2",
+        "num-clients": 3, "distill.epochs": 3,
+        "distill.lr": 0.05, "unlabeled-size": 300}
 
 
 def config(**changes) -> RunConfig:
-    return RunConfig.from_mapping({**FAST, **changes})
+    named = {RunConfig.model_fields[name].alias: value for name, value in changes.items()}
+    return RunConfig.from_mapping({**FAST, **named})
 
 
 def kl_to(distiller: Distiller, teacher_state) -> float:
@@ -155,10 +157,10 @@ def averaging_round(min_replies: int):
     """One aggregation of the averaging server: a good reply, NaNs, a wrong shape, an error."""
     as_server_task()
     rounds = []
-    strategy = HookedFedAvg(lambda r, arrays: arrays, lambda *row: rounds.append(row),
-                            "cnn-small", offset=4, min_replies=min_replies)
+    strategy = HookedFedAvg({0: 11, 1: 12, 2: 13, 3: 14}, lambda r, arrays: arrays,
+                            lambda *row: rounds.append(row), "cnn-small", min_replies=min_replies)
     strategy.sent = ArrayRecord(SENT)
-    strategy.aggregate_train(1, [
+    strategy.aggregate_train(5, [
         train_reply(11, 0, torch.ones(2, 2)),
         train_reply(12, 1, torch.full((2, 2), float("nan"))),
         train_reply(13, 2, torch.ones(3, 2)),
@@ -169,12 +171,12 @@ def averaging_round(min_replies: int):
 
 def test_averaging_server_rejects_nan_and_misshapen_replies_and_averages_the_rest():
     [(server_round, arrays, info)] = averaging_round(min_replies=1)
-    assert server_round == 5  # a resumed run keeps counting
+    assert server_round == 5
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(2, 2))
-    assert info["replies"] == 1 and set(info["rejected"]) == {"12", "13", "14"}
-    assert "NaN" in info["rejected"]["12"]
-    assert "'w' has shape (3, 2), expected (2, 2)" in info["rejected"]["13"]
-    assert info["rejected"]["14"] == "client error: RuntimeError: out of memory"
+    assert info["replies"] == 1 and set(info["rejected"]) == {"1", "2", "3"}
+    assert "NaN" in info["rejected"]["1"]
+    assert "'w' has shape (3, 2), expected (2, 2)" in info["rejected"]["2"]
+    assert info["rejected"]["3"] == "client error: RuntimeError: out of memory"
 
 
 def test_averaging_round_with_too_few_usable_replies_is_skipped():
@@ -194,15 +196,17 @@ def test_global_summary_reports_time_to_target():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"distill-mode": "eager"}, "distill-mode='eager' is not known; allowed: per-round"),
-        ({"global-model": "huge"}, "global-model='huge' is not known"),
-        ({"channel-backend": "redis"}, "channel-backend='redis' is not known; allowed: directory"),
-        ({"distill-temperature": 0}, "distill-temperature=0.0: must be > 0"),
-        ({"forward-distill-every": -1}, "forward-distill-every=-1: must be >= 0"),
-        ({"target-accuracy": 1.5}, "target-accuracy=1.5: must be in"),
-        ({"method": "async-averaging"}, "needs channel-dir"),
-        ({"method": "async-distillation"}, "needs channel-dir"),
-        ({"initial-forward-distill": 2}, "initial-forward-distill=2: must be 0 or 1"),
+        ({"distill.mode": "eager"}, "distill.mode='eager' is not known; allowed: per-round"),
+        ({"distill.global-model": "huge"}, "distill.global-model='huge' is not known"),
+        ({"distill.channel-backend": "redis"},
+         "distill.channel-backend='redis' is not known; allowed: directory"),
+        ({"distill.temperature": 0}, "distill.temperature=0: must be > 0"),
+        ({"distill.forward-distill-every": -1}, "distill.forward-distill-every=-1: must be >= 0"),
+        ({"distill.target-accuracy": 1.5}, "distill.target-accuracy=1.5: must be <= 1"),
+        ({"method": "async-averaging"}, "needs distill.channel-dir"),
+        ({"method": "async-distillation"}, "needs distill.channel-dir"),
+        ({"distill.initial-forward-distill": 2},
+         "distill.initial-forward-distill=2 is not known; allowed: 0, 1"),
     ],
 )
 def test_bad_distillation_keys_are_rejected_with_clear_errors(changes, message):
@@ -231,8 +235,8 @@ def test_global_test_on_the_clients_is_the_union_of_their_test_splits():
 
 
 def test_a_pool_too_small_to_split_is_a_clear_error():
-    with pytest.raises(ValueError, match="global-test-fraction=0.01 of the server's pool of 20 "
-                       "samples leaves no test sample; raise unlabeled-size"):
+    with pytest.raises(ValueError, match="distill.global-test-fraction=0.01 of the server's "
+                       "pool of 20 samples leaves no test sample; raise unlabeled-size"):
         server_data(config(unlabeled_size=20, global_test_fraction=0.01))
 
 

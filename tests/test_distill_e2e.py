@@ -8,24 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from fedapps.config import RunConfig
-from fedapps.distill.averaging import run_async_distillation
-from fedapps.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log
-from fedapps.launch import app_defaults
-from fedapps.results import RunRecorder, read_rounds
+from fedapps.config import RunConfig, app_defaults
+from fedapps.methods.distill.averaging import run_async_distillation
+from fedapps.methods.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log
+from fedapps.protocol.results import RunRecorder, read_rounds
 from fedapps.simulation import simulate
 
 pytestmark = pytest.mark.slow
 
 SMALL = {"dataset": "digits", "num-clients": 2, "partitioner": "iid", "model": "cnn-small",
-         "global-model": "cnn2", "local-epochs": 3, "distill-epochs": 2, "distill-lr": 0.05,
+         "distill.global-model": "cnn2", "local-epochs": 3, "distill.epochs": 2, "distill.lr": 0.05,
          "unlabeled-size": 400}
 DELAY = 3.0
 
 
 def test_averaging_never_waits_for_a_slow_distillation_server():
     folder = simulate({**SMALL, "method": "async-distill", "num-rounds": 6,
-                       "distill-mode": "continuous", "distill-delay": DELAY})
+                       "distill.mode": "continuous", "distill.delay": DELAY})
     rounds = read_rounds(folder)
     tests = read_log(folder / GLOBAL_LOG)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
@@ -48,9 +47,9 @@ def distillation_run(values: dict, folder: str) -> None:
 
 
 def test_two_halves_as_separate_runs_share_a_channel(tmp_path):
-    """Deployment: async-averaging and async-distillation as two runs on one channel-dir."""
-    shared = {**SMALL, "num-rounds": 4, "distill-mode": "per-round",
-              "channel-dir": str(tmp_path / "channel")}
+    """Deployment: async-averaging and async-distillation as two runs on one distill.channel-dir."""
+    shared = {**SMALL, "num-rounds": 4, "distill.mode": "per-round",
+              "distill.channel-dir": str(tmp_path / "channel")}
     context = multiprocessing.get_context("spawn")
     distillation = context.Process(
         target=distillation_run,
@@ -68,7 +67,7 @@ def test_two_halves_as_separate_runs_share_a_channel(tmp_path):
 
 def test_async_averaging_rejects_a_poisoned_reply_and_continuous_distils_more_than_rounds():
     folder = simulate({**SMALL, "num-clients": 3, "method": "async-distill", "num-rounds": 3,
-                       "distill-mode": "continuous", "final-passes": 4,
+                       "distill.mode": "continuous", "distill.final-passes": 4,
                        "fault-injection": "nan:1:2"})
     rounds = read_rounds(folder)
     assert [r["replies"] for r in rounds] == [3, 2, 3]
@@ -82,7 +81,7 @@ def test_async_averaging_rejects_a_poisoned_reply_and_continuous_distils_more_th
 
 def test_sync_distill_end_to_end():
     folder = simulate({**SMALL, "method": "sync-distill", "num-rounds": 3,
-                       "forward-distill-every": 1})
+                       "distill.forward-distill-every": 1})
     assert [r["round"] for r in read_rounds(folder)] == [1, 2, 3]
     passes = [(p["kind"], p["version"]) for p in read_log(folder / PASSES_LOG)]
     # the initial forward pass comes before the time axis starts; then one per later round

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedapps.launch import launch
-from fedapps.results import read_rounds
+from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
 
 pytestmark = pytest.mark.slow
@@ -29,8 +29,9 @@ def test_fedavg_two_rounds_beats_chance():
 
 def test_fedme_mixed_architectures_with_clustering():
     folder = simulate({
-        "method": "fedme", "num-clients": 4, "num-rounds": 3, "init-arch": "cnn1,cnn2,cnn1,cnn2",
-        "cluster-schedule": "1:1,2:2", "local-epochs": 1,
+        "method": "fedme", "num-clients": 4, "num-rounds": 3,
+            "fedme.init-arch": "cnn1,cnn2,cnn1,cnn2",
+        "fedme.cluster-schedule": "1:1,2:2", "local-epochs": 1,
     })
     rows = read_rounds(folder)
     assert [r["k"] for r in rows] == [1, 2, 2]

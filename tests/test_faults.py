@@ -4,14 +4,16 @@ import json
 
 import pytest
 
-from fedapps.results import read_rounds
+from fedapps.methods.fedme.strategy import FedMe
+from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
-from fedapps.strategies.fedme import FedMe
+from tests.helpers import comparable_rounds
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"num-clients": 4, "num-rounds": 3, "local-epochs": 1, "init-arch": "cnn1,cnn2,cnn1,cnn2",
-         "cluster-schedule": "1:1,2:2"}
+SMALL = {"num-clients": 4, "num-rounds": 3, "local-epochs": 1,
+         "fedme.init-arch": "cnn1,cnn2,cnn1,cnn2",
+         "fedme.cluster-schedule": "1:1,2:2"}
 
 
 def test_fedme_survives_errors_timeouts_and_poison():
@@ -63,10 +65,6 @@ def test_resume_equals_uninterrupted(monkeypatch):
     monkeypatch.setattr(FedMe, "aggregate_evaluate", original)
     resumed = simulate({**settings, "run-name": "resumed"})
 
-    def comparable(folder):
-        return [{k: v for k, v in row.items() if k != "time" and not k.endswith("-s")}
-                for row in read_rounds(folder)]  # everything but timings
-
-    assert comparable(resumed) == comparable(whole)
+    assert comparable_rounds(resumed) == comparable_rounds(whole)
     assert (json.loads((resumed / "summary.json").read_text())["clients"]
             == json.loads((whole / "summary.json").read_text())["clients"])

@@ -6,16 +6,17 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedapps import client
 from fedapps.config import RunConfig
-from fedapps.messages import config_record, new_model, to_arrays
-from fedapps.strategies.fedme import (
+from fedapps.data.federated import client_data
+from fedapps.methods.fedme.client import train_mutual
+from fedapps.methods.fedme.strategy import (
     Contribution,
     FedMe,
     aggregate_models,
     assign_exchange,
     cluster_models,
 )
+from fedapps.protocol.messages import config_record, new_model, to_arrays
 from fedapps.training import Optim, mutual_learning_losses, train
 from tests.helpers import as_server_task, context, message, reply_from
 
@@ -115,7 +116,7 @@ def mutual_message(config, personal, exchange, personal_arch, exchange_arch):
 def trained(config, arch, epochs):
     torch.manual_seed(0)
     model = new_model(arch, config)
-    data = client.client_data(config, 0)
+    data = client_data(config, 0)
     train(model, data.train.x, data.train.y, epochs, Optim(lr=0.05),
           torch.Generator().manual_seed(0), torch.device("cpu"))
     return model
@@ -124,7 +125,7 @@ def trained(config, arch, epochs):
 def test_client_adopts_a_strictly_better_exchange_model():
     config = RunConfig(num_clients=3, local_epochs=0)  # no DML steps: losses stay as given
     weak, strong = new_model("cnn1", config), trained(config, "cnn2", epochs=15)
-    reply = client.train_mutual(mutual_message(config, weak, strong, "cnn1", "cnn2"),
+    reply = train_mutual(mutual_message(config, weak, strong, "cnn1", "cnn2"),
                                 context(0, 3))
     metrics = reply.content["metrics"]
     assert metrics["adopted"] == 1
@@ -134,7 +135,7 @@ def test_client_adopts_a_strictly_better_exchange_model():
 def test_client_keeps_its_model_on_a_tie():
     config = RunConfig(num_clients=3, local_epochs=0)
     model = trained(config, "cnn1", epochs=2)
-    reply = client.train_mutual(mutual_message(config, model, model, "cnn1", "cnn1"),
+    reply = train_mutual(mutual_message(config, model, model, "cnn1", "cnn1"),
                                 context(0, 3))
     assert reply.content["metrics"]["adopted"] == 0
 
@@ -155,7 +156,7 @@ def make_strategy(archs):
     config = RunConfig(num_clients=len(archs), cluster_schedule="1:1")
     nodes = {pid: 100 + pid for pid in range(len(archs))}
     strategy = FedMe(config, nodes, dict(enumerate(archs)),
-                     torch.rand(20, 1, 8, 8), on_round=lambda *a, **k: None)
+                     torch.rand(20, 1, 8, 8))
     list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
     return strategy
 
@@ -185,7 +186,7 @@ def test_missing_and_poisoned_replies_are_left_out():
     replies = [fedme_reply(100, strategy, 0, False, 3.0), bad]  # client 2 never replied
     strategy.aggregate_train(1, replies)
     assert "1" not in strategy.round_info["adoptions"]
-    assert "do not match" in strategy.round_info["rejected"][1]
+    assert "do not match" in strategy.round_info["rejected"]["1"]
     for pid in (1, 2):  # no usable reply: the model is kept as it was
         for name, value in strategy.models[pid].model.state_dict().items():
             assert torch.equal(value, before[pid][name])

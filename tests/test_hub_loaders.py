@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedapps.data import DataError, load_dataset, make_partition
+from fedapps.data.federated import DataError, load_dataset, make_partition
 from fedapps.data.registry import SHAKESPEARE_LETTERS
 
 datasets = pytest.importorskip("datasets")

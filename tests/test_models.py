@@ -3,8 +3,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedapps.config import RunConfig
-from fedapps.messages import BadModelError, from_arrays, new_model, to_arrays
 from fedapps.models import MODELS, build_model, count_parameters
+from fedapps.protocol.messages import BadModelError, from_arrays, new_model, to_arrays
 
 
 @pytest.mark.parametrize("name", [n for n in MODELS if not n.startswith("lstm")])

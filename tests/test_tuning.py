@@ -8,8 +8,8 @@ from torch import nn
 
 from fedapps import training
 from fedapps.config import ConfigError, RunConfig
-from fedapps.data import Split
-from fedapps.strategies.fedme import FedMe
+from fedapps.data.federated import Split
+from fedapps.methods.fedme.strategy import FedMe
 from fedapps.training import EvalResult, Optim
 from fedapps.tuning import (
     AdoptionRule,
@@ -88,12 +88,12 @@ def test_population_rule_lets_structure_change_only_toward_the_better_architectu
 
 
 def test_unknown_rule_is_named():
-    with pytest.raises(ValueError, match="adoption-rule='median'"):
+    with pytest.raises(ValueError, match="fedme.adoption-rule='median'"):
         AdoptionRule("median")
-    with pytest.raises(ConfigError, match="adoption-rule='median'"):
-        RunConfig(adoption_rule="median").validate()
-    with pytest.raises(ConfigError, match="local-best-patience=0"):
-        RunConfig(local_best_patience=0).validate()
+    with pytest.raises(ConfigError, match="fedme.adoption-rule='median'"):
+        RunConfig(adoption_rule="median")
+    with pytest.raises(ConfigError, match="fedme.local-best-patience=0"):
+        RunConfig(local_best_patience=0)
 
 
 def test_best_candidate_is_the_highest_accuracy_then_the_lowest_loss_then_the_first():
@@ -235,8 +235,9 @@ def test_k_one_rounds_run_no_pool_inference(monkeypatch):
 
 
 def test_local_best_query_reports_every_candidate_and_the_server_pools_them(capsys):
-    from fedapps import client, server
-    from fedapps.messages import config_record
+    from fedapps import client
+    from fedapps.methods.fedme.server import candidate_results, initial_architectures
+    from fedapps.protocol.messages import config_record
     from tests.helpers import context, message
 
     config = RunConfig(num_clients=3, local_best_epochs=2, candidate_models="cnn1,cnn2",
@@ -246,12 +247,11 @@ def test_local_best_query_reports_every_candidate_and_the_server_pools_them(caps
     for pid in range(3):
         reply = client.describe(query, context(pid, 3))
         metrics = reply.content["metrics"]
-        clients[pid] = {"num-val": int(metrics["num-val"]),
-                        "local-best": server.candidate_results(reply.content["info"])}
-        assert [r.name for r in clients[pid]["local-best"]] == ["cnn1", "cnn2"]
+        clients[pid] = {"num-val": int(metrics["num-val"]), "info": reply.content["info"]}
+        assert [r.name for r in candidate_results(clients[pid]["info"])] == ["cnn1", "cnn2"]
     printed = capsys.readouterr().out
     assert "client 2 local-best cnn2: val accuracy" in printed and "chose" in printed
-    archs = server.initial_architectures(config, clients)
+    archs = initial_architectures(config, clients)
     assert len(set(archs.values())) == 1  # a huge pseudo-count: the population decides for all
 
 

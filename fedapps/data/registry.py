@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedapps.data.shapes import NUM_SAMPLES, SEED, make_shapes
+
 # LEAF's Shakespeare alphabet: the index of a character is its class.
 SHAKESPEARE_LETTERS = (
     "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
@@ -76,8 +78,6 @@ def load_digits28(data_path: str = "") -> Dataset:
 
 def load_shapes(data_path: str = "") -> Dataset:
     """Procedurally generated 10-class 3x32x32 colour shapes (:mod:`fedapps.data.shapes`)."""
-    from fedapps.data.shapes import NUM_SAMPLES, SEED, make_shapes
-
     x, y = make_shapes(NUM_SAMPLES, SEED)
     return Dataset("shapes", x, y, 10,
                    index_space=f"fedapps.data.shapes.make_shapes({NUM_SAMPLES}, seed={SEED})")

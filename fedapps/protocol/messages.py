@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from torch import nn
 
 from fedapps.config import RunConfig
-from fedapps.data import dataset_for
+from fedapps.data.federated import dataset_for
 from fedapps.models import build_model
 
 CONFIG_KEY = "config"

@@ -17,27 +17,22 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from sklearn.cluster import KMeans
 from torch import nn
 
 from fedapps import training, tuning
 from fedapps.config import RunConfig
-from fedapps.messages import (
-    BadModelError,
-    check_state,
-    config_record,
-    error_summary,
-    in_partition_order,
-    new_model,
-)
+from fedapps.protocol import engine
+from fedapps.protocol.engine import ResumableStrategy
+from fedapps.protocol.evaluation import per_client
+from fedapps.protocol.messages import check_state, config_record, new_model
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +92,6 @@ def model_features(outputs: torch.Tensor, on: str) -> np.ndarray:
 # ------------------------------------------------------------------------------ eq. 8
 
 
-def average_states(
-    states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None
-) -> dict[str, torch.Tensor]:
-    """Weighted mean of state dicts of one architecture (integer buffers keep the first)."""
-    weights = weights or [1.0] * len(states)
-    total = float(sum(weights))
-    result = {}
-    for name, first in states[0].items():
-        if first.is_floating_point():
-            stacked = torch.stack([s[name].double() * w for s, w in zip(states, weights)])
-            result[name] = (stacked.sum(dim=0) / total).to(first.dtype)
-        else:
-            result[name] = first.clone()
-    return result
-
-
 @dataclass
 class Contribution:
     """One trained copy of model ``owner`` sent back by client ``trainer``."""
@@ -131,7 +110,7 @@ def aggregate_models(
     for item in contributions:
         by_owner.setdefault(item.owner, []).append(item)
     return {
-        owner: average_states(
+        owner: training.average_states(
             [c.state for c in copies],
             [float(c.num_examples) for c in copies] if weighting == "samples" else None,
         )
@@ -143,22 +122,31 @@ def aggregate_models(
 
 
 @dataclass
+class Unpacked:
+    """One usable reply: the trained copies, the adoption decision and its evidence."""
+
+    contributions: list[Contribution]
+    adopted: bool
+    train_loss: float
+    validation: dict[str, float | str]
+    train_s: float
+
+
+@dataclass
 class ClientModel:
     arch: str
     model: nn.Module
     num_examples: int = 1
 
 
-RoundLogger = Callable[..., object]
-
 VALIDATION_KEYS = ("val-loss", "exchange-val-loss", "val-accuracy", "exchange-val-accuracy")
 
 
-class FedMe(Strategy):
+class FedMe(ResumableStrategy):
     """Keeps every client's personalized model and architecture; one message per node.
 
     ``clients`` maps partition id -> node id; ``archs`` the initial architecture of each client.
-    ``on_round(server_round, **fields)`` receives the round record (results log).
+    The round engine (:func:`fedapps.protocol.engine.run_rounds`) writes :meth:`round_record`.
     """
 
     def __init__(
@@ -168,14 +156,12 @@ class FedMe(Strategy):
         archs: Mapping[int, str],
         unlabeled: torch.Tensor,
         num_examples: Mapping[int, int] | None = None,
-        on_round: RoundLogger | None = None,
     ) -> None:
         self.config = config
         self.node_of = dict(clients)
         self.unlabeled = unlabeled
         self.device = training.resolve_device(config.device)
         self.rng = np.random.default_rng(config.seed)
-        self.on_round = on_round or (lambda *args, **kwargs: None)
         self.models: dict[int, ClientModel] = {}
         for pid in sorted(self.node_of):
             torch.manual_seed(config.seed * 1000 + pid)
@@ -184,6 +170,7 @@ class FedMe(Strategy):
             )
         self.partner: dict[int, int] = {}
         self.round_info: dict[str, object] = {}
+        self.record: dict[str, object] = {}
         self.rule = tuning.AdoptionRule.of(config)
         self.evidence: dict[tuning.Pair, float] = {}  # architecture quality gains, smoothed
 
@@ -199,7 +186,7 @@ class FedMe(Strategy):
         if clustering.note:
             log.warning("round %d: %s", server_round, clustering.note)
         cluster_of = dict(zip(pids, clustering.labels))
-        participants = self._participants(pids)
+        participants = engine.participants(pids, self.config, self.rng, at_least=2)
         partners = assign_exchange(np.array([cluster_of[p] for p in participants]), self.rng)
         self.partner = {pid: participants[j] for pid, j in zip(participants, partners)}
         self.round_info = {
@@ -231,13 +218,6 @@ class FedMe(Strategy):
                                     self.config.kmeans_restarts)
         return dataclasses.replace(clustering, inference_s=inference_s)
 
-    def _participants(self, pids: list[int]) -> list[int]:
-        """``fraction-train`` of the clients (at least two, to exchange), drawn with the seed."""
-        if self.config.fraction_train >= 1:
-            return pids
-        count = max(2, self.config.min_replies, round(self.config.fraction_train * len(pids)))
-        return sorted(self.rng.choice(pids, size=min(count, len(pids)), replace=False).tolist())
-
     def _train_message(self, pid: int, server_round: int, config: ConfigRecord) -> Message:
         own, other = self.models[pid], self.models[self.partner[pid]]
         content = RecordDict({
@@ -258,29 +238,19 @@ class FedMe(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         started = time.perf_counter()
-        contributions, adopted, losses, rejected, train_times = [], {}, {}, {}, {}
-        validation: dict[int, dict[str, float]] = {}
-        pid_of = {node: pid for pid, node in self.node_of.items()}
-        for reply in in_partition_order(replies):
-            pid = pid_of.get(reply.metadata.src_node_id)
-            if pid is None:
-                continue
-            try:
-                pieces = self._unpack(pid, reply)
-            except (BadModelError, KeyError, TypeError, ValueError) as error:
-                rejected[pid] = str(error)
-                log.warning("round %d: reply of client %d rejected: %s", server_round, pid, error)
-                continue
-            contributions += pieces[0]
-            adopted[pid], losses[pid], validation[pid] = pieces[1], pieces[2], pieces[3]
-            train_times[pid] = float(reply.content["metrics"].get("train-s", 0.0))
-        replied = set(adopted)
-        self.round_info.update(replies=len(replied), rejected=rejected)
-        if len(replied) < self.config.min_replies:
-            reason = f"{len(replied)} usable replies < min-replies={self.config.min_replies}"
-            log.warning("round %d skipped: %s", server_round, reason)
-            self.round_info.update(skipped=reason, adoptions={})
+        screened = engine.screen(server_round, replies, self.node_of, self._unpack,
+                                 self.config.min_replies)
+        self.round_info.update(screened.record)
+        if screened.skipped:
+            self.round_info.update(adoptions={})
             return None, None
+        accepted = screened.accepted
+        replied = set(accepted)
+        contributions = [c for pieces in accepted.values() for c in pieces.contributions]
+        adopted = {pid: pieces.adopted for pid, pieces in accepted.items()}
+        losses = {pid: pieces.train_loss for pid, pieces in accepted.items()}
+        validation = {pid: pieces.validation for pid, pieces in accepted.items()}
+        train_times = {pid: pieces.train_s for pid, pieces in accepted.items()}
         # A client that did not reply keeps its model: its copies held by others are dropped too.
         usable = [c for c in contributions if c.owner in replied]
         merged = aggregate_models(usable, self.config.aggregation_weighting)
@@ -314,11 +284,7 @@ class FedMe(Strategy):
         })
         return None, MetricRecord({"train-loss": train_loss})
 
-    def _unpack(
-        self, pid: int, reply: Message
-    ) -> tuple[list[Contribution], bool, float, dict[str, float | str]]:
-        if reply.has_error():
-            raise ValueError(f"client error: {error_summary(reply.error.reason)}")
+    def _unpack(self, pid: int, reply: Message) -> Unpacked:
         content = reply.content
         metrics = content["metrics"]
         num = int(metrics["num-examples"])
@@ -332,7 +298,8 @@ class FedMe(Strategy):
             "arch": self.models[pid].arch, "exchange-arch": self.models[self.partner[pid]].arch,
             **{key: float(metrics[key]) for key in VALIDATION_KEYS if key in metrics},
         }
-        return pieces, bool(metrics["adopted"]), float(metrics["train-loss"]), validation
+        return Unpacked(pieces, bool(metrics["adopted"]), float(metrics["train-loss"]),
+                        validation, float(metrics.get("train-s", 0.0)))
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
@@ -364,7 +331,7 @@ class FedMe(Strategy):
             fields.update(accuracy=float(np.mean(values)), **{"accuracy-sd": float(np.std(values))},
                           **{"client-accuracy": {str(p): a for p, a in accuracies.items()}},
                           **{"accuracy-by-arch": self._accuracy_by_arch(accuracies)})
-        self.on_round(server_round, **fields)
+        self.record = fields
         if not accuracies:
             return None
         return MetricRecord({"accuracy": fields["accuracy"]})
@@ -375,6 +342,9 @@ class FedMe(Strategy):
         for pid, accuracy in accuracies.items():
             grouped.setdefault(self.models[pid].arch, []).append(accuracy)
         return {arch: float(np.mean(values)) for arch, values in sorted(grouped.items())}
+
+    def round_record(self) -> dict[str, object]:
+        return self.record
 
     def summary(self) -> None:
         log.info("FedMe: %d clients, K schedule %s, clustering on %s",
@@ -399,17 +369,3 @@ class FedMe(Strategy):
 
     def final_models(self) -> dict[int, tuple[str, ArrayRecord]]:
         return {p: (m.arch, ArrayRecord(m.model.state_dict())) for p, m in self.models.items()}
-
-
-def per_client(replies: Iterable[Message], key: str) -> dict[int, float]:
-    """``{partition id: metric}`` from the replies that carry it (errors are skipped)."""
-    values = {}
-    for reply in in_partition_order(replies):
-        if reply.has_error():
-            log.warning("error from node %s: %s", reply.metadata.src_node_id,
-                        error_summary(reply.error.reason))
-            continue
-        metrics = reply.content["metrics"]
-        if key in metrics:
-            values[int(metrics["partition-id"])] = float(metrics[key])
-    return values

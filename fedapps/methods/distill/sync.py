@@ -1,11 +1,11 @@
 """The synchronous ("conventional") scheme the asynchronous one is measured against.
 
-First (the paper's first step, unless ``initial-forward-distill = 0``) the initial global model
-is forward-distilled into the first small model. Then each round, in one ServerApp: (1) from
-round 2 on, forward-distil the global model into the small model (every
-``forward-distill-every`` rounds; 0 = never, the "sync without forward distillation" variant),
-(2) clients train the small model, (3) FedAvg, (4) reverse-distil the averaged small model into
-the global model. Clients idle during (1) and (4); the server idles during (2).
+First (the paper's first step, unless ``distill.initial-forward-distill = 0``) the initial global
+model is forward-distilled into the first small model. Then each round, in one ServerApp: (1)
+from round 2 on, forward-distil the global model into the small model (every
+``distill.forward-distill-every`` rounds; 0 = never, the "sync without forward distillation"
+variant), (2) clients train the small model, (3) FedAvg, (4) reverse-distil the averaged small
+model into the global model. Clients idle during (1) and (4); the server idles during (2).
 Same models, data, seeds and distillation code as the asynchronous scheme.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from fedapps.distill.averaging import fedavg_rounds
-from fedapps.distill.distillation import (
+from fedapps.methods.distill.averaging import fedavg_rounds
+from fedapps.methods.distill.distillation import (
     GLOBAL_LOG,
     Distiller,
     GlobalLog,
@@ -35,7 +35,7 @@ def run_sync_distill(grid, config, clients, recorder) -> dict[str, Any]:
     every = config.forward_distill_every
 
     def forward(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        # round 1's forward distillation is the initial one (initial-forward-distill)
+        # round 1's forward distillation is the initial one (distill.initial-forward-distill)
         if not every or server_round == 1 or (server_round - 1) % every:
             return arrays
         started = log.now()
@@ -50,9 +50,8 @@ def run_sync_distill(grid, config, clients, recorder) -> dict[str, Any]:
                                    log.watcher(server_round, server_round))
             log.log_pass("reverse", server_round, server_round, started, kl)
             log.settle(distiller.model, server_round, server_round)  # clients train now
-        recorder.log_round(server_round, **info)
 
-    fedavg_rounds(grid, config, clients, initial, config.num_rounds, forward, reverse)
+    fedavg_rounds(grid, config, clients, recorder, initial, forward, reverse)
     rows = log.test_snapshots(distiller)
     return {"averaging-rounds": config.num_rounds,
             **global_summary(rows, config.target_accuracy)}

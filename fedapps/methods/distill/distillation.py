@@ -2,25 +2,28 @@
 
 Reverse distillation fits the global model (student) to the averaged small model (teacher) on the
 server's distillation set U; forward distillation fits a small model to the global one. Both come
-from the server's own pool (removed from the data before clients are formed): ``global-test =
-server`` holds ``global-test-fraction`` of it out, with labels, as the global model's test set
-and distils on the rest; ``global-test = clients`` tests on the union of the clients' test
+from the server's own pool (removed from the data before clients are formed):
+``distill.global-test =
+server`` holds ``distill.global-test-fraction`` of it out, with labels, as the global model's test
+set
+and distils on the rest; ``distill.global-test = clients`` tests on the union of the clients' test
 splits instead (for comparison with older runs; a real server never sees those).
 
 Testing is kept off the critical path: during reverse distillation the global model is saved
 (a state-dict file, milliseconds) at the first optimiser step after every multiple of
-``snapshot-every-s`` seconds, and at the end of a pass after which the server waits; the
+``distill.snapshot-every-s`` seconds, and at the end of a pass after which the server waits; the
 snapshots are tested after the run and written to ``global.jsonl`` (time, version, accuracy).
 So the global model's accuracy is known on the same fixed time grid in every scheme, and
 testing never slows a run. Every pass is a row of ``passes.jsonl`` (kind, start, end, KL).
 
-:class:`Distiller` is shared by the synchronous scheme (:mod:`fedapps.distill.sync`, in the
+:class:`Distiller` is shared by the synchronous scheme (:mod:`fedapps.methods.distill.sync`, in the
 ServerApp) and the asynchronous one (:func:`serve`, a process of its own):
 
-    python -m fedapps.distill.distillation conf/async-digits.toml --set channel-dir=/shared/ch
+    python -m fedapps.methods.distill.distillation conf/async-digits.toml \
+        --set distill.channel-dir=/shared/ch
 
 runs it without Flower, e.g. on a second machine sharing the channel with an ``async-averaging``
-run (README, "Asynchronous distillation FL", "Deployment").
+run (docs/async-distill.md).
 """
 
 from __future__ import annotations
@@ -41,11 +44,11 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedapps import training
-from fedapps.client import generator
-from fedapps.config import RunConfig
-from fedapps.data import client_data, dataset_for, partition_for
-from fedapps.distill.channel import ChannelTimeout, ModelChannel, State, open_channel
-from fedapps.messages import from_arrays, new_model
+from fedapps.config import RunConfig, exit_on_bad_input, parse_override, resolve
+from fedapps.data.federated import client_data, dataset_for, partition_for
+from fedapps.methods.distill.channel import ChannelTimeout, ModelChannel, State, open_channel
+from fedapps.protocol.messages import from_arrays, new_model
+from fedapps.protocol.node import generator
 
 GLOBAL_LOG = "global.jsonl"  # tested snapshots: what the benchmark plots
 PASSES_LOG = "passes.jsonl"  # one row per distillation pass: the time breakdown
@@ -75,7 +78,7 @@ def server_data(config: RunConfig) -> ServerData:
     held_out = round(config.global_test_fraction * len(pool))
     if not 0 < held_out < len(pool):
         raise ValueError(
-            f"global-test-fraction={config.global_test_fraction} of the server's pool of "
+            f"distill.global-test-fraction={config.global_test_fraction} of the server's pool of "
             f"{len(pool)} samples leaves no {'test' if held_out == 0 else 'distillation'} "
             "sample; raise unlabeled-size"
         )
@@ -112,7 +115,8 @@ def initial_small_state(config: RunConfig) -> State:
 
 def initial_distilled_state(config: RunConfig, distiller: Distiller) -> State:
     """The clients' first model. The paper's first step forward-distils the initial global model
-    into it, so the two start out agreeing; ``initial-forward-distill = 0`` skips that step."""
+    into it, so the two start out agreeing; ``distill.initial-forward-distill = 0`` skips that
+    step."""
     small = initial_small_state(config)
     return distiller.forward(small, 0) if config.initial_forward_distill else small
 
@@ -282,7 +286,7 @@ def global_summary(rows: Sequence[Mapping[str, Any]], target: float) -> dict[str
     return {
         "global-accuracy": rows[-1]["accuracy"] if rows else float("nan"),
         "best-global-accuracy": max((r["accuracy"] for r in rows), default=float("nan")),
-        "target-accuracy": target,
+        "distill.target-accuracy": target,
         "time-to-target-s": reached[0] if reached else None,
         "global-evaluations": len(rows),
     }
@@ -293,10 +297,12 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
 
     Topics: reads ``distilled`` (averaged small models) and ``stop`` (version = the final
     distilled model); writes ``forward`` (the initial small model, then every
-    ``forward-distill-every`` passes a forward-distilled one) and ``global`` (a checkpoint per
+    ``distill.forward-distill-every`` passes a forward-distilled one) and ``global`` (a checkpoint
+    per
     pass, from which a restarted server carries on). ``per-round`` distils once per new small
     model (the newest, when several arrived during a pass); ``continuous`` keeps distilling from
-    the newest it has instead of waiting, and distils the final model ``final-passes`` times.
+    the newest it has instead of waiting, and distils the final model ``distill.final-passes``
+    times.
     The snapshots are tested once the loop is over.
     """
     checkpoint = channel.latest("global")
@@ -315,7 +321,8 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
         else:
             finished = 0 <= channel.latest_version("stop") <= have
             if finished and on_have >= final_passes:
-                break  # the final model has been distilled (final-passes times if continuous)
+                # the final model has been distilled (distill.final-passes times if continuous)
+                break
             if not finished and time.monotonic() - last_news > config.channel_timeout:
                 raise ChannelTimeout(
                     f"no new distilled model for {config.channel_timeout:.0f}s (newest: "
@@ -341,15 +348,13 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedapps.launch import parse_override, resolve
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", help="experiment file (.toml), or a results config.json")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
                         default=[], metavar="KEY=VALUE", help="override one run-config key")
     parser.add_argument("--log", help=f"where to append {GLOBAL_LOG} rows "
-                        "(default: <channel-dir>/distillation/global.jsonl)")
+                        "(default: <distill.channel-dir>/distillation/global.jsonl)")
     parser.add_argument("--t0", type=float, help="time.time() at which the time axis starts")
     args = parser.parse_args(argv)
     if args.config.endswith(".json"):
@@ -366,4 +371,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_bad_input(main))

@@ -3,15 +3,16 @@
 It only talks to the distillation server through the channel: it starts from the ``forward``
 model (the distillation server's initial distilled model), publishes every averaged model to
 ``distilled`` (version = round), adopts a newer ``forward`` model between rounds when the
-distillation server offers one (accuracy recovery, ``forward-distill-every``), and finally
+distillation server offers one (accuracy recovery, ``distill.forward-distill-every``), and finally
 publishes ``stop``. Reading the channel never blocks a round: it only looks at what is there.
 
-Method runners (``fedapps.server.METHODS``):
+Method runners (``fedapps/registry.py``):
 
 - ``async-distill``: the whole scheme in one run; the distillation server is a separate OS
-  process (``python -m fedapps.distill.distillation``), so its compute never stalls this loop;
+  process (``python -m fedapps.methods.distill.distillation``), so its compute never
+  stalls this loop;
 - ``async-averaging`` / ``async-distillation``: the two halves as two runs (or machines) sharing
-  ``channel-dir``.
+  ``distill.channel-dir``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,41 +29,47 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedapps.config import RunConfig
-from fedapps.distill.channel import ChannelTimeout, ModelChannel, open_channel
-from fedapps.distill.distillation import GLOBAL_LOG, GlobalLog, global_summary, read_log, serve
-from fedapps.messages import config_record, from_arrays, to_arrays
-from fedapps.results import RunRecorder
-from fedapps.strategies.fedavg import RecordedFedAvg
+from fedapps.methods.distill.channel import ChannelTimeout, ModelChannel, open_channel
+from fedapps.methods.distill.distillation import (
+    GLOBAL_LOG,
+    GlobalLog,
+    global_summary,
+    read_log,
+    serve,
+)
+from fedapps.methods.fedavg import RecordedFedAvg
+from fedapps.protocol.engine import run_rounds
+from fedapps.protocol.messages import config_record, from_arrays, to_arrays
+from fedapps.protocol.results import RunRecorder
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
+# before each round: may swap the model sent to clients (the async scheme adopts a newer forward
+# distilled model; the sync scheme forward-distils)
 BeforeRound = Callable[[int, ArrayRecord], ArrayRecord]
 # after aggregation: the round, the averaged model (None: the round was skipped because fewer
-# than min-replies replies were usable) and the round's record (replies, rejected, train-loss)
-AfterRound = Callable[[int, ArrayRecord | None, dict[str, Any]], None]
+# than min-replies replies were usable) and the round's record; returns fields to add to it
+AfterRound = Callable[[int, ArrayRecord | None, dict[str, Any]], dict[str, Any] | None]
 
 
 class HookedFedAvg(RecordedFedAvg):
     """FedAvg with a hook before each round (may swap the model sent to clients) and one after
     aggregation; the sync and async schemes differ only in these hooks.
 
-    Replies are checked as for the ``fedavg`` method (:class:`RecordedFedAvg`): an error reply,
+    Replies are screened as for the ``fedavg`` method (:class:`RecordedFedAvg`): an error reply,
     or arrays with wrong keys, wrong shapes or NaN/inf values, are left out and logged with the
-    client's node id; the rest are averaged. ``offset`` shifts the round numbers the clients see
-    (a resumed run keeps counting).
+    client's partition; the rest are averaged.
     """
 
-    def __init__(self, before: BeforeRound, after: AfterRound, arch: str, offset: int = 0,
-                 min_replies: int = 1, **kwargs) -> None:
-        # on_round is never called: aggregate_evaluate is replaced, the after hook logs rounds
-        super().__init__(on_round=after, arch=arch, min_replies=min_replies,
-                         fraction_evaluate=0.0, **kwargs)
-        self.before, self.after, self.offset = before, after, offset
+    def __init__(self, node_of: Mapping[int, int], before: BeforeRound, after: AfterRound,
+                 arch: str, min_replies: int = 1, **kwargs) -> None:
+        super().__init__(node_of, arch=arch, min_replies=min_replies, fraction_evaluate=0.0,
+                         **kwargs)
+        self.before, self.after = before, after
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        server_round += self.offset
         return super().configure_train(server_round, self.before(server_round, arrays),
                                        config, grid)
 
@@ -70,7 +77,7 @@ class HookedFedAvg(RecordedFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self.after(server_round + self.offset, arrays, dict(self.round_info))
+        self.record.update(self.after(server_round, arrays, dict(self.round_info)) or {})
         return arrays, metrics
 
     def aggregate_evaluate(
@@ -81,15 +88,18 @@ class HookedFedAvg(RecordedFedAvg):
 
 
 def fedavg_rounds(
-    grid: Grid, config: RunConfig, clients: dict, initial: ArrayRecord, rounds: int,
-    before: BeforeRound, after: AfterRound, offset: int = 0,
+    grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder, initial: ArrayRecord,
+    before: BeforeRound, after: AfterRound, first_round: int = 1,
 ) -> None:
-    """``rounds`` FedAvg rounds of ``config.model`` over all clients (no client evaluation)."""
+    """FedAvg rounds ``first_round..num-rounds`` of ``config.model`` on the round engine (no
+    client evaluation)."""
     count = len(clients)
-    strategy = HookedFedAvg(before, after, config.model, offset, config.min_replies,
-                            min_train_nodes=count, min_available_nodes=count)
-    strategy.start(grid, initial, num_rounds=rounds, timeout=config.round_timeout,
-                   train_config=config_record(config))
+    strategy = HookedFedAvg({pid: info["node"] for pid, info in clients.items()}, before, after,
+                            config.model, config.min_replies, fraction_train=config.fraction_train,
+                            min_train_nodes=max(1, round(config.fraction_train * count)),
+                            min_available_nodes=count)
+    run_rounds(strategy, grid, config, recorder, initial, config_record(config),
+               first_round=first_round)
 
 
 def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,
@@ -114,14 +124,15 @@ def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,
               f"(from averaged version {entry.meta.get('based-on')})", flush=True)
         return to_arrays(from_arrays(config.model, ArrayRecord(entry.state), config))
 
-    def publish(server_round: int, arrays: ArrayRecord | None, info: dict[str, Any]) -> None:
+    def publish(server_round: int, arrays: ArrayRecord | None, info: dict[str, Any]
+                ) -> dict[str, Any]:
         if arrays is not None:  # a skipped round publishes nothing: no new version
             channel.publish("distilled", arrays.to_torch_state_dict(), {"round": server_round},
                             version=server_round)
-        recorder.log_round(server_round, **info, adoptions=adoptions)
+        return {"adoptions": adoptions}
 
     rounds = max(0, config.num_rounds - offset)
-    fedavg_rounds(grid, config, clients, initial, rounds, adopt_forward, publish, offset)
+    fedavg_rounds(grid, config, clients, recorder, initial, adopt_forward, publish, offset + 1)
     final = channel.latest_version("distilled")
     if final < 0:
         raise RuntimeError("no averaging round had enough usable replies (min-replies="
@@ -137,8 +148,8 @@ def run_async_distill(grid, config, clients, recorder) -> dict[str, Any]:
     channel_dir = config.channel_dir or str(recorder.folder / "channel")
     channel = open_channel(config.channel_backend, channel_dir)
     log_path = recorder.folder / GLOBAL_LOG
-    command = [sys.executable, "-m", "fedapps.distill.distillation",
-               str(recorder.folder / "config.json"), "--set", f"channel-dir={channel_dir}",
+    command = [sys.executable, "-m", "fedapps.methods.distill.distillation",
+               str(recorder.folder / "config.json"), "--set", f"distill.channel-dir={channel_dir}",
                "--log", str(log_path), "--t0", repr(time.time() - recorder.elapsed())]
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),

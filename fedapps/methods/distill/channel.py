@@ -9,8 +9,9 @@ cannot address one ServerApp from another, so they exchange models through a cha
   file and hard-links it into place, so a half-written file never carries a version name);
 - restartable: all state lives in the channel, so a writer that restarts continues after the
   newest version and a reader that restarts starts from it;
-- pluggable: :class:`ModelChannel` is the protocol; :data:`CHANNELS` maps a ``channel-backend``
-  name to a constructor taking the ``channel-dir`` location. A directory on shared storage
+- pluggable: :class:`ModelChannel` is the protocol; :data:`CHANNELS` maps a
+``distill.channel-backend``
+  name to a constructor taking the ``distill.channel-dir`` location. A directory on shared storage
   (local disk, NFS) is the default; an object store or a key-value server would be another
   entry with the same four methods.
 """
@@ -171,15 +172,15 @@ class DirectoryChannel:
             (folder / f"{version:010d}.pt").unlink(missing_ok=True)
 
 
-# Backends by ``channel-backend`` name: each takes the ``channel-dir`` location.
+# Backends by ``distill.channel-backend`` name: each takes the ``distill.channel-dir`` location.
 CHANNELS: dict[str, Callable[[str], ModelChannel]] = {"directory": DirectoryChannel}
 
 
 def open_channel(backend: str, location: str | Path) -> ModelChannel:
     if backend not in CHANNELS:
         raise ChannelError(
-            f"channel-backend='{backend}' is not known; allowed: {', '.join(CHANNELS)}"
+            f"distill.channel-backend='{backend}' is not known; allowed: {', '.join(CHANNELS)}"
         )
     if not str(location):
-        raise ChannelError("channel-dir is empty; give the channel's location")
+        raise ChannelError("distill.channel-dir is empty; give the channel's location")
     return CHANNELS[backend](str(location))

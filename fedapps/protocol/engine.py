@@ -1,0 +1,180 @@
+"""The round engine every method runs on: reply acceptance, sampling, checkpoints, resume.
+
+Flower's ``Strategy.start`` always begins at round 1, ignores replies it cannot use only where
+each strategy remembers to, and keeps its records to itself. :func:`run_rounds` calls the same
+strategy hooks (configure/aggregate train and evaluate) and adds, for every method:
+
+- ``round-timeout`` on each phase, and the round's record (``strategy.round_record()``) written to
+  ``rounds.jsonl`` by the engine, not by the strategy;
+- a checkpoint every ``checkpoint-every`` rounds (write-then-rename: never half-written) and, when
+  one is there, resume after its round with the saved strategy state, global arrays and RNG
+  state, so a resumed run ends exactly like an uninterrupted one.
+
+Strategies accept replies through :func:`screen` (an error reply, a reply that does not unpack,
+or arrays of the wrong shape or with NaN/inf are rejected and logged with the client's partition;
+fewer than ``min-replies`` usable replies skip the round, and the models stay as they were) and
+sample with :func:`participants` (``fraction-train``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedapps.config import RunConfig
+from fedapps.protocol.messages import BadModelError, error_summary, in_partition_order
+from fedapps.protocol.results import RunRecorder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+# What unpacking a reply may raise when the reply is unusable (missing records, bad arrays).
+UNUSABLE = (BadModelError, KeyError, TypeError, ValueError)
+
+T = TypeVar("T")
+
+
+class ResumableStrategy(Strategy):
+    """What :func:`run_rounds` drives: a Flower strategy that can save and load its state and
+    reports each round as a record."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def round_record(self) -> dict[str, Any]:
+        """The record of the round just finished (replies, rejected, losses, accuracy...)."""
+        raise NotImplementedError
+
+    def summary(self) -> None:
+        log.info("%s on the fedapps round engine", type(self).__name__)
+
+
+@dataclass
+class Screened(Generic[T]):
+    """Replies sorted into the usable (unpacked, by partition id) and the rejected (reasons);
+    ``skipped`` says why the round is skipped (too few usable replies), if it is."""
+
+    accepted: dict[int, T] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The round record's fields about replies."""
+        fields: dict[str, Any] = {"replies": len(self.accepted), "rejected": self.rejected}
+        return {**fields, "skipped": self.skipped} if self.skipped else fields
+
+
+def screen(
+    server_round: int,
+    replies: Iterable[Message],
+    node_of: Mapping[int, int],
+    unpack: Callable[[int, Message], T],
+    min_replies: int,
+) -> Screened[T]:
+    """Unpack each reply of a known node in partition order; reject (and log) what fails; skip
+    the round when fewer than ``min_replies`` replies are usable."""
+    pid_of = {node: pid for pid, node in node_of.items()}
+    screened: Screened[T] = Screened()
+    for reply in in_partition_order(replies):
+        pid = pid_of.get(reply.metadata.src_node_id)
+        if pid is None:
+            log.warning("round %d: reply from unknown node %s ignored", server_round,
+                        reply.metadata.src_node_id)
+            continue
+        try:
+            if reply.has_error():
+                raise ValueError(f"client error: {error_summary(reply.error.reason)}")
+            screened.accepted[pid] = unpack(pid, reply)
+        except UNUSABLE as error:
+            screened.rejected[str(pid)] = str(error)
+            log.warning("round %d: reply of client %d rejected: %s", server_round, pid, error)
+    if len(screened.accepted) < min_replies:
+        screened.skipped = f"{len(screened.accepted)} usable replies < min-replies={min_replies}"
+        log.warning("round %d skipped: %s", server_round, screened.skipped)
+    return screened
+
+
+def participants(pids: list[int], config: RunConfig, rng: np.random.Generator,
+                 at_least: int = 1) -> list[int]:
+    """``fraction-train`` of the clients (at least ``min-replies`` and ``at_least``), seeded."""
+    if config.fraction_train >= 1:
+        return pids
+    count = max(at_least, config.min_replies, round(config.fraction_train * len(pids)))
+    return sorted(rng.choice(pids, size=min(count, len(pids)), replace=False).tolist())
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
+    path = folder / CHECKPOINT
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+    return path
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    path = folder / CHECKPOINT
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def run_rounds(
+    strategy: ResumableStrategy,
+    grid: Grid,
+    config: RunConfig,
+    recorder: RunRecorder,
+    arrays: ArrayRecord | None = None,
+    train_config: ConfigRecord | None = None,
+    evaluate_config: ConfigRecord | None = None,
+    first_round: int = 1,
+) -> ArrayRecord:
+    """Rounds ``first_round..num-rounds`` (or the rest, after a checkpoint); returns the final
+    arrays (strategies that keep one model per client return empty arrays)."""
+    arrays = arrays if arrays is not None else ArrayRecord()
+    checkpoint = load_checkpoint(recorder.folder)
+    if checkpoint is not None:
+        first_round = checkpoint["round"] + 1
+        if checkpoint["arrays"]:
+            arrays = ArrayRecord(checkpoint["arrays"])
+        strategy.load_state_dict(checkpoint["strategy"])
+        random.setstate(checkpoint["random"])
+        recorder.resume_after(checkpoint["round"])
+        print(f"fedapps: resuming {recorder.folder} after round {checkpoint['round']}", flush=True)
+    for server_round in range(first_round, config.num_rounds + 1):
+        recorder.begin_round()
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config or ConfigRecord(), grid),
+            timeout=config.round_timeout,
+        )
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(
+                server_round, arrays, evaluate_config or ConfigRecord(), grid
+            ),
+            timeout=config.round_timeout,
+        )
+        strategy.aggregate_evaluate(server_round, replies)
+        recorder.log_round(server_round, **strategy.round_record())
+        every = config.checkpoint_every
+        if every and (server_round % every == 0 or server_round == config.num_rounds):
+            save_checkpoint(recorder.folder, {
+                "round": server_round,
+                "arrays": arrays.to_torch_state_dict() if len(arrays) else {},
+                "strategy": strategy.state_dict(),
+                "random": random.getstate(),
+            })
+    return arrays
