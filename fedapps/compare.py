@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedapps.config import RunConfig, app_defaults
+from fedapps.config import RunConfig, app_defaults, method_uses
 from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
 
@@ -183,7 +183,8 @@ def compare(
     ``methods``: method names (``"fedavg"``) or ``(label, {config overrides})`` for variants,
     e.g. ``("fedme-cnn1", {"method": "fedme", "fedme.init-arch": "cnn1"})`` (``method`` defaults to
     the label). ``overrides``: run-config keys for every run, in kebab-case or snake_case
-    (``num_clients=20``). Every config is checked before the first run starts, so a typo fails
+    (``num_clients=20``); a key of a method's section (``fedme.init-arch``) reaches only the
+    methods that use it. Every config is checked before the first run starts, so a typo fails
     at once; errors during a run are caught and shown in the table.
     """
     if isinstance(methods, str) or _is_pair(methods) or not methods:
@@ -198,7 +199,10 @@ def compare(
     plan = []
     for seed in seeds:
         for label, own in specs:
-            values = {**common, "dataset": dataset, **own, "seed": int(seed),
+            method = own["method"]
+            # a common key of one method's section (say fedme.*) applies to the methods using it
+            shared = {key: value for key, value in common.items() if method_uses(method, key)}
+            values = {**shared, "dataset": dataset, **own, "seed": int(seed),
                       "results-dir": str(Path(results_dir) / label / f"seed{seed}")}
             RunConfig.from_mapping({**app_defaults(), **values})  # fail before any run
             plan.append((label, int(seed), values))

@@ -57,6 +57,13 @@ class ConfigError(ValueError):
     """A run-config value that cannot work; raised before training starts."""
 
 
+def method_uses(method: str, key: str) -> bool:
+    """Whether ``method`` reads ``key`` (its sections' keys and the shared keys it honours)."""
+    section = key.split(".", 1)[0] if "." in key else ""
+    in_section = not section or section in METHOD_SECTIONS.get(method, ())
+    return in_section and (key not in HONOURED_BY or method in HONOURED_BY[key])
+
+
 def option(default: Any, doc: str, section: str = "", key: str = "", **constraints: Any) -> Any:
     """One config key: default, meaning, and range (pydantic constraints). A key in a method's
     ``section`` is written ``<section>.<key>``; shared keys are the attribute name in kebab-case."""
@@ -251,13 +258,9 @@ class RunConfig(BaseModel):
 
     def _method_uses_every_key(self) -> None:
         """A key the method cannot honour is an error, not a silent no-op."""
-        used = METHOD_SECTIONS[self.method]
         for name, field in type(self).model_fields.items():
             key = field.alias or name
-            section = field.json_schema_extra["section"]
-            unused = (section and section not in used) or (
-                key in HONOURED_BY and self.method not in HONOURED_BY[key])
-            if unused and getattr(self, name) != field.default:
+            if not method_uses(self.method, key) and getattr(self, name) != field.default:
                 raise ConfigError(f"{key}={getattr(self, name)!r}: method '{self.method}' "
                                   "does not use this key")
 

@@ -10,6 +10,7 @@ import pytest
 from fedapps import server
 from fedapps.compare import compare
 from fedapps.config import ConfigError
+from fedapps.protocol.method import Method
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "compare_strategies.ipynb"
 
@@ -34,7 +35,7 @@ def test_one_row_per_method_and_a_failure_is_reported(tmp_path, monkeypatch):
     def broken(grid, config, clients, recorder):  # runs in this process: the ServerApp thread
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(server.METHODS, "local", broken)
+    monkeypatch.setitem(server.METHODS, "local", Method(run=broken))
     lines = []
     result = compare(["centralized", "local"], "digits", [0], num_clients=3, num_rounds=2,
                      results_dir=tmp_path / "runs", progress=lines.append)

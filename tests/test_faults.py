@@ -11,9 +11,8 @@ from tests.helpers import comparable_rounds
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"num-clients": 4, "num-rounds": 3, "local-epochs": 1,
-         "fedme.init-arch": "cnn1,cnn2,cnn1,cnn2",
-         "fedme.cluster-schedule": "1:1,2:2"}
+BASE = {"num-clients": 4, "num-rounds": 3, "local-epochs": 1}
+SMALL = {**BASE, "fedme.init-arch": "cnn1,cnn2,cnn1,cnn2", "fedme.cluster-schedule": "1:1,2:2"}
 
 
 def test_fedme_survives_errors_timeouts_and_poison():
@@ -29,7 +28,7 @@ def test_fedme_survives_errors_timeouts_and_poison():
 
 
 def test_fedavg_rejects_poison_and_skips_thin_rounds():
-    folder = simulate({**SMALL, "method": "fedavg", "model": "cnn1", "min-replies": 4,
+    folder = simulate({**BASE, "method": "fedavg", "model": "cnn1", "min-replies": 4,
                        "fault-injection": "nan:0:2"})
     rows = read_rounds(folder)
     assert "skipped" not in rows[0] and rows[0]["replies"] == 4
