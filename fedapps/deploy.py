@@ -114,11 +114,12 @@ class Deployment:
         self.stack.callback(stop_process, process)
         return process
 
-    def start_run(self, run_config: Path, echo: bool = False) -> subprocess.Popen[bytes]:
-        """Submit this project as a run, streaming its logs (to ``logs/flwr-run.log``)."""
+    def start_run(self, run_config: Path, echo: bool = False,
+                  name: str = "flwr-run") -> subprocess.Popen[bytes]:
+        """Submit this project as a run, streaming its logs (to ``logs/<name>.log``)."""
         command = [_tool("flwr"), "run", str(PROJECT), CONNECTION, "--stream",
                    "--run-config", str(run_config)]
-        return self.spawn("flwr-run", command, echo=echo)
+        return self.spawn(name, command, echo=echo)
 
     def run(self, run_config: Path, timeout_s: float | None = None, echo: bool = False) -> int:
         """Submit a run and wait for it; returns the CLI's exit code (stopped on timeout)."""

@@ -16,13 +16,16 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from fedapps.config import PROJECT, exit_on_bad_input, parse_override, resolve
+from fedapps.methods.distill.channel import open_channel
 
 LOCAL_CONNECTION = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
 
@@ -79,20 +82,51 @@ def launch(
     num_gpus: float = 0.0,
     home: Path | None = None,
 ) -> int:
+    """``flwr run`` the experiment on a local simulation SuperLink; returns the exit status.
+
+    ``async-distill`` runs as two Flower runs on that SuperLink, as it is deployed: the
+    distillation server (``async-distillation``, one idle virtual SuperNode: it trains no
+    client) and, once it has published the initial model, the averaging server
+    (``async-averaging``), sharing ``distill.channel-dir``.
+    """
     values = resolve(config_file, overrides or {})
     env = flwr_environment(home or PROJECT / ".flwr")
-    run_config = write_run_config(values, Path(env["FLWR_HOME"]) / "run-config.toml")
-    federation = (
-        f"num-supernodes={num_supernodes(values)} client-resources-num-cpus={num_cpus:g} "
-        f"client-resources-num-gpus={num_gpus:g}"
-    )
-    command = [str(Path(sys.executable).parent / "flwr"), "run", str(PROJECT), "--stream",
-               "--run-config", str(run_config),
-               "--federation-config", federation]
+    folder = Path(env["FLWR_HOME"])
     try:
-        return subprocess.run(command, env=env, cwd=PROJECT, check=False).returncode
+        if values["method"] != "async-distill":
+            return start_run(values, num_supernodes(values), num_cpus, num_gpus, env,
+                             folder / "run-config.toml").wait()
+        distillation, averaging = async_distill_runs(values)
+        first = start_run(distillation, 1, num_cpus, num_gpus, env, folder / "distillation.toml")
+        channel = open_channel(distillation["distill.channel-backend"],
+                               distillation["distill.channel-dir"])
+        while channel.latest_version("forward") < 0 and first.poll() is None:
+            time.sleep(0.5)  # the averaging server starts from the initial distilled model
+        second = start_run(averaging, num_supernodes(values), num_cpus, num_gpus, env,
+                           folder / "averaging.toml")
+        return max(abs(second.wait()), abs(first.wait()))
     finally:
         stop_local_superlink(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+
+
+def async_distill_runs(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The distillation run and the averaging run of one ``async-distill`` experiment."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    channel = (values["distill.channel-dir"]
+               or str(Path(values["results-dir"]).resolve() / f"async-distill-channel-{stamp}"))
+    return ({**values, "method": "async-distillation", "distill.channel-dir": channel},
+            {**values, "method": "async-averaging", "distill.channel-dir": channel})
+
+
+def start_run(values: Mapping[str, Any], supernodes: int, num_cpus: float, num_gpus: float,
+              env: Mapping[str, str], config_path: Path) -> subprocess.Popen[bytes]:
+    """Submit one run to the local SuperLink, streaming its output here."""
+    federation = (f"num-supernodes={supernodes} client-resources-num-cpus={num_cpus:g} "
+                  f"client-resources-num-gpus={num_gpus:g}")
+    command = [str(Path(sys.executable).parent / "flwr"), "run", str(PROJECT), "--stream",
+               "--run-config", str(write_run_config(values, config_path)),
+               "--federation-config", federation]
+    return subprocess.Popen(command, env=dict(env), cwd=PROJECT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,9 +30,11 @@ def run(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None
     save_partition(partition, dataset, recorder.folder / "partition.json")
     print(f"fedapps: {config.method} on {config.dataset}, {partition.num_clients} clients, "
           f"{config.num_rounds} rounds; results in {recorder.folder}", flush=True)
-    clients = discover_clients(grid, config, partition.num_clients)
+    method = METHODS[config.method]
+    # A method without a client half (the distillation server) needs no SuperNode to answer.
+    clients = discover_clients(grid, config, partition.num_clients) if method.handlers else {}
     summary = {"num-clients": partition.num_clients, "rounds": config.num_rounds,
-               **METHODS[config.method].run(grid, config, clients, recorder)}
+               **method.run(grid, config, clients, recorder)}
     recorder.write_summary(summary)
     after = summary.get("after-finetune")
     accuracy = (f"; accuracy {after['mean']:.4f} ± {after['sd']:.4f} over clients"

@@ -15,6 +15,8 @@ import pytest
 from fedapps.config import resolve
 from fedapps.deploy import Deployment, deployment
 from fedapps.launch import write_run_config
+from fedapps.methods.distill.channel import open_channel
+from fedapps.methods.distill.distillation import GLOBAL_LOG, read_log
 from fedapps.protocol.results import read_rounds
 
 pytestmark = pytest.mark.slow
@@ -103,3 +105,29 @@ def test_every_process_is_stopped_when_the_caller_fails(tmp_path):
             time.sleep(0.5)  # the SuperLink and SuperNodes each start a SuperExec
         raise RuntimeError("caller failed")
     assert_all_gone(started)
+
+
+def test_async_distill_as_two_runs_on_one_real_superlink(tmp_path):
+    """The distillation server and the averaging server as two `flwr run`s on one SuperLink
+    with real SuperNodes; the distillation run trains no client and needs none to answer."""
+    settings = {"method": "async-averaging", "num-clients": 2, "num-rounds": 3,
+                "model": "cnn-small", "partitioner": "iid", "local-epochs": 2,
+                "unlabeled-size": 400,
+                "distill.global-model": "cnn2", "distill.epochs": 2, "distill.lr": 0.05,
+                "distill.channel-dir": str(tmp_path / "channel"),
+                "results-dir": str(tmp_path / "results")}
+    averaging = write_run_config(resolve(None, settings), tmp_path / "averaging.toml")
+    distillation = write_run_config(resolve(None, {**settings, "method": "async-distillation"}),
+                                    tmp_path / "distillation.toml")
+    with deployment(2, tmp_path / "flwr") as deploy:
+        runs = [deploy.start_run(distillation, name="distillation"),
+                deploy.start_run(averaging, name="averaging")]
+        codes = [finish(deploy, run, RUN_TIMEOUT_S) for run in runs]
+        assert codes == [0, 0], deploy.log_tail("distillation") + deploy.log_tail("averaging")
+    [averaged] = (tmp_path / "results").glob("async-averaging-*")
+    [distilled] = (tmp_path / "results").glob("async-distillation-*")
+    assert [row["round"] for row in read_rounds(averaged)] == [1, 2, 3]
+    assert open_channel("directory", tmp_path / "channel").latest_version("distilled") == 3
+    tests = read_log(distilled / GLOBAL_LOG)
+    assert [t["version"] for t in tests] == sorted(t["version"] for t in tests)
+    assert tests[-1]["version"] == 3 and tests[-1]["accuracy"] > tests[0]["accuracy"]

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from fedapps.launch import launch
+from fedapps.methods.distill.channel import open_channel
+from fedapps.methods.distill.distillation import GLOBAL_LOG, read_log
 from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
 
@@ -29,9 +31,8 @@ def test_fedavg_two_rounds_beats_chance():
 
 def test_fedme_mixed_architectures_with_clustering():
     folder = simulate({
-        "method": "fedme", "num-clients": 4, "num-rounds": 3,
-            "fedme.init-arch": "cnn1,cnn2,cnn1,cnn2",
-        "fedme.cluster-schedule": "1:1,2:2", "local-epochs": 1,
+        "method": "fedme", "num-clients": 4, "num-rounds": 3, "local-epochs": 1,
+        "fedme.init-arch": "cnn1,cnn2,cnn1,cnn2", "fedme.cluster-schedule": "1:1,2:2",
     })
     rows = read_rounds(folder)
     assert [r["k"] for r in rows] == [1, 2, 2]
@@ -63,3 +64,22 @@ def test_exported_partition_reproduces_the_run(tmp_path):
                       "partition-file": str(first / "partition.json")})
     assert (again / "partition.json").read_text() == (first / "partition.json").read_text()
     assert read_rounds(again)[0]["client-accuracy"] == read_rounds(first)[0]["client-accuracy"]
+
+
+ASYNC = {"method": "async-distill", "dataset": "digits", "num-clients": 2, "partitioner": "iid",
+         "model": "cnn-small", "distill.global-model": "cnn2", "num-rounds": 3,
+         "local-epochs": 2, "distill.epochs": 2, "distill.lr": 0.05, "unlabeled-size": 400}
+
+
+def test_async_distill_under_flwr_run_is_two_runs_on_one_superlink(tmp_path):
+    """The distillation server and the averaging server as two Flower runs, as deployed."""
+    code = launch(None, {**ASYNC, "results-dir": str(tmp_path)}, home=tmp_path / "flwr")
+    assert code == 0
+    [distillation] = tmp_path.glob("async-distillation-digits-*")
+    [averaging] = tmp_path.glob("async-averaging-digits-*")
+    [channel] = tmp_path.glob("async-distill-channel-*")
+    assert [row["round"] for row in read_rounds(averaging)] == [1, 2, 3]
+    assert open_channel("directory", channel).latest_version("distilled") == 3
+    tests = read_log(distillation / GLOBAL_LOG)
+    assert tests[-1]["version"] == 3 and tests[-1]["accuracy"] > tests[0]["accuracy"]
+    assert summary_of(distillation)["distilled-version"] == 3

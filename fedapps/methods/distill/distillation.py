@@ -298,8 +298,7 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
     Topics: reads ``distilled`` (averaged small models) and ``stop`` (version = the final
     distilled model); writes ``forward`` (the initial small model, then every
     ``distill.forward-distill-every`` passes a forward-distilled one) and ``global`` (a checkpoint
-    per
-    pass, from which a restarted server carries on). ``per-round`` distils once per new small
+    per pass, from which a restarted server carries on). ``per-round`` distils once per new small
     model (the newest, when several arrived during a pass); ``continuous`` keeps distilling from
     the newest it has instead of waiting, and distils the final model ``distill.final-passes``
     times.
