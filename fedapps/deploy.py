@@ -1,18 +1,26 @@
 """Rehearse a real deployment on one machine: a SuperLink and N SuperNodes as real processes.
 
     python -m fedapps.deploy [conf/EXPERIMENT.toml] [--num-supernodes N] [--set key=value ...]
+                             [--tls] [--auth]
 
 Unlike :mod:`fedapps.launch` (Flower's simulation engine), this starts ``flower-superlink`` and
 one ``flower-supernode`` per client, talking over loopback HTTP exactly as separate machines
 would, so it exercises node configs, connections, polling and node failures before a real
-rollout. Everything runs insecure on free 127.0.0.1 ports with a private FLWR_HOME, and every
-process started is killed on exit, also on errors and timeouts (docs/deployment.md).
+rollout. By default everything runs insecure on free 127.0.0.1 ports with a private FLWR_HOME;
+``--tls`` first makes a CA and a SuperLink certificate for 127.0.0.1/localhost with openssl
+(``HOME/certificates``), ``--auth`` (implies ``--tls``) also makes one ssh-keygen key per
+SuperNode (``HOME/keys``) and registers it with ``flwr supernode register`` before the
+SuperNode starts: the steps of docs/deployment.md, with absolute paths. Every process started
+is killed on exit, also on errors and timeouts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,18 +34,113 @@ from typing import Any
 
 import psutil
 
-from fedapps.config import PROJECT, exit_on_bad_input, parse_override, resolve
+from fedapps.config import PROJECT, ConfigError, exit_on_bad_input, parse_override, resolve
 from fedapps.launch import flwr_environment, free_port, num_supernodes, write_run_config
 
 CONNECTION = "rehearsal"
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
+TOOL_TIMEOUT_S = 120.0
+LOOPBACK_NAMES = "DNS:localhost,IP:127.0.0.1"
 
 
-def connection_toml(name: str, address: str) -> str:
-    """A Flower config.toml with one insecure connection to the SuperLink at ``address``."""
+class MissingTool(ConfigError):
+    """A command this needs (openssl, ssh-keygen) is not installed: one line, exit 2."""
+
+
+def connection_toml(name: str, address: str, root_certificates: Path | None = None) -> str:
+    """A Flower config.toml with one connection to the SuperLink at ``address``: insecure, or
+    TLS verified against the CA certificate ``root_certificates`` (an absolute path)."""
+    security = (f'root-certificates = "{root_certificates}"\n' if root_certificates
+                else "insecure = true\n")
     return (f'[superlink]\ndefault = "{name}"\n\n'
-            f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
+            f'[superlink.{name}]\naddress = "{address}"\n{security}')
+
+
+def require(tool: str) -> str:
+    """The path of ``tool`` on PATH, or a one-line error saying it is missing."""
+    if path := shutil.which(tool):
+        return path
+    raise MissingTool(f"`{tool}` was not found on PATH; install it (e.g. `apt-get install "
+                      f"{'openssl' if tool == 'openssl' else 'openssh-client'}`) or run "
+                      f"without --tls/--auth")
+
+
+def run_tool(command: Sequence[str], env: Mapping[str, str] | None = None,
+             verbose: bool = False) -> str:
+    """Run a short command to completion (stdin closed: nothing can wait for an answer);
+    its stdout, or an error carrying its output."""
+    if verbose:
+        print("$", shlex.join(str(part) for part in command), flush=True)
+    done = subprocess.run([str(part) for part in command], env=dict(env) if env else None,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=TOOL_TIMEOUT_S, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(str(part) for part in command)} exited with "
+                           f"{done.returncode}:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A CA and a SuperLink certificate signed by it, in one folder."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:  # given to SuperNodes and CLI users
+        return self.folder / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.folder / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.folder / "server.key"
+
+
+def make_certificates(folder: Path, names: str = LOOPBACK_NAMES,
+                      verbose: bool = False) -> Certificates:
+    """A new CA and a SuperLink certificate for ``names`` (subjectAltName entries) in
+    ``folder``, with the openssl commands of docs/deployment.md (absolute paths, no cd)."""
+    openssl = require("openssl")
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    certs = Certificates(folder)
+    (folder / "server.ext").write_text(f"subjectAltName={names}\n")
+    if verbose:
+        print(f'$ printf "subjectAltName={names}\\n" > {shlex.quote(str(folder / "server.ext"))}')
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:4096", "-nodes", "-sha256", "-days", "365",
+         "-subj", "/CN=fedapps CA", "-keyout", folder / "ca.key", "-out", certs.ca],
+        ["req", "-newkey", "rsa:4096", "-nodes", "-sha256", "-subj", "/CN=localhost",
+         "-keyout", certs.server_key, "-out", folder / "server.csr"],
+        ["x509", "-req", "-in", folder / "server.csr", "-CA", certs.ca, "-CAkey",
+         folder / "ca.key", "-CAcreateserial", "-days", "365", "-sha256",
+         "-extfile", folder / "server.ext", "-out", certs.server_cert],
+        ["verify", "-CAfile", certs.ca, certs.server_cert],
+    ):
+        run_tool([openssl, *command], verbose=verbose)
+    return certs
+
+
+def make_supernode_key(keys: Path, name: str, verbose: bool = False) -> Path:
+    """A new ECDSA P-384 key pair ``keys/<name>`` and ``keys/<name>.pub`` (OpenSSH format, as
+    Flower's docs make them); returns the private key. An older pair of that name is replaced."""
+    ssh_keygen = require("ssh-keygen")
+    keys = keys.resolve()
+    keys.mkdir(parents=True, exist_ok=True)  # ssh-keygen does not create it
+    private = keys / name
+    for old in (private, public_key(private)):
+        old.unlink(missing_ok=True)  # else ssh-keygen would ask whether to overwrite
+    run_tool([ssh_keygen, "-t", "ecdsa", "-b", "384", "-N", "", "-f", private],
+             verbose=verbose)
+    return private
+
+
+def public_key(private_key: Path) -> Path:
+    return private_key.with_name(private_key.name + ".pub")
 
 
 def stop_process(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
@@ -93,6 +196,14 @@ class Deployment:
     superlink: subprocess.Popen[bytes] | None = None
     supernodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)  # all spawned
+    certificates: Certificates | None = None  # TLS: the SuperLink's CA and certificate
+    auth: bool = False  # SuperNodes must be registered (flwr supernode register)
+    node_ids: dict[str, int] = field(default_factory=dict)  # registered, by SuperNode name
+    verbose: bool = False  # print every command run
+
+    @property
+    def keys(self) -> Path:
+        return self.home / "keys"
 
     @property
     def logs(self) -> Path:
@@ -106,6 +217,8 @@ class Deployment:
         The process is stopped when the deployment closes, whatever happens meanwhile.
         """
         self.logs.mkdir(parents=True, exist_ok=True)
+        if self.verbose:
+            print("$", shlex.join(command), "&", flush=True)
         with (self.logs / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(command, env=dict(env or self.env), cwd=PROJECT,
                                        stdout=None if echo else log, stderr=subprocess.STDOUT,
@@ -130,6 +243,61 @@ class Deployment:
             stop_process(process)
             raise
 
+    def flwr(self, *args: str | Path) -> str:
+        """Run a ``flwr`` CLI command against this SuperLink; its stdout."""
+        return run_tool([_tool("flwr"), *args], self.env, self.verbose)
+
+    def register(self, private_key: Path, name: str) -> int:
+        """Register a SuperNode's public key with the SuperLink; the node id it gets."""
+        out = self.flwr("supernode", "register", public_key(private_key), CONNECTION,
+                        "--format", "json")
+        node_id = int(json.loads(out)["node-id"])
+        self.node_ids[name] = node_id
+        return node_id
+
+    def registered(self) -> list[dict[str, Any]]:
+        """The SuperLink's SuperNodes (``flwr supernode list``): node-id, status, ..."""
+        return json.loads(self.flwr("supernode", "list", CONNECTION, "--format", "json"))["nodes"]
+
+    def add_supernode(self, partition_id: int, num_partitions: int,
+                      node_config: Mapping[str, Any] | None = None, *, name: str | None = None,
+                      insecure: bool | None = None, root_certificates: Path | None = None,
+                      authenticate: bool | None = None, private_key: Path | None = None,
+                      register: bool = True,
+                      max_retries: int | None = None) -> subprocess.Popen[bytes]:
+        """Start a SuperNode for partition ``partition_id`` of ``num_partitions``.
+
+        By default it connects as the deployment expects: ``--insecure``, or TLS with the
+        deployment's CA and, with auth, a key pair (``private_key``, or a new one
+        ``keys/<name>``) registered first. The keyword arguments override that, e.g. to try a
+        SuperNode that should be refused; ``max_retries`` makes it give up (and exit) when it
+        cannot connect.
+        """
+        name = name or f"supernode-{partition_id}"
+        insecure = self.certificates is None if insecure is None else insecure
+        command = [_tool("flower-supernode"), "--superlink", self.address,
+                   "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(free_port())]
+        ca = root_certificates or (self.certificates.ca if self.certificates else None)
+        if insecure:
+            command.append("--insecure")
+        elif ca:
+            command += ["--root-certificates", str(ca)]
+        if authenticate is None:
+            authenticate = self.auth or private_key is not None
+        if authenticate:
+            private_key = private_key or make_supernode_key(self.keys, name, self.verbose)
+            if register:
+                self.register(private_key, name)
+            command += ["--auth-supernode-private-key", str(private_key)]
+        if max_retries is not None:
+            command += ["--max-retries", str(max_retries)]
+        extra = " ".join(f"{k}={v}" for k, v in (node_config or {}).items())
+        config = f"partition-id={partition_id} num-partitions={num_partitions} {extra}".strip()
+        command += ["--node-config", config]
+        process = self.spawn(name, command, {**self.env, "FLWR_HOME": str(self.home / name)})
+        self.supernodes.append(process)
+        return process
+
     def kill_supernode(self, index: int) -> None:
         """Kill one SuperNode abruptly (with its ClientApps), as a crashed device would go."""
         stop_process(self.supernodes[index], grace_s=0)
@@ -146,36 +314,44 @@ def _tool(name: str) -> str:
 
 
 @contextmanager
-def deployment(num_nodes: int, home: Path,
-               node_config: Mapping[str, Any] | None = None) -> Iterator[Deployment]:
+def deployment(num_nodes: int, home: Path, node_config: Mapping[str, Any] | None = None,
+               tls: bool = False, auth: bool = False,
+               verbose: bool = False) -> Iterator[Deployment]:
     """Start a SuperLink and ``num_nodes`` SuperNodes (partition-id i of ``num_nodes``).
 
-    ``home`` holds FLWR_HOME for the CLI, one per server process, and ``logs/``. Yields once
+    ``home`` holds FLWR_HOME for the CLI, one per server process, ``logs/`` and, with ``tls``,
+    ``certificates/`` (a new CA and a certificate for 127.0.0.1/localhost); ``auth`` (needs
+    TLS, so it implies it) starts the SuperLink with ``--enable-supernode-auth`` and registers
+    a new key pair ``keys/supernode-<i>`` for each SuperNode before starting it. Yields once
     the SuperLink listens; SuperNodes connect on their own (the ServerApp waits for them).
     """
+    home = home.resolve()  # every path handed to Flower is absolute: nothing depends on cwd
+    tls = tls or auth
+    certificates = make_certificates(home / "certificates", verbose=verbose) if tls else None
+    if auth:
+        require("ssh-keygen")  # fail before starting anything
     link_port = free_port()
     address = f"127.0.0.1:{link_port}"
-    env = flwr_environment(home, connection_toml(CONNECTION, address))
+    env = flwr_environment(home, connection_toml(
+        CONNECTION, address, certificates.ca if certificates else None))
     with ExitStack() as stack:
-        deploy = Deployment(home, env, address, stack)
+        deploy = Deployment(home, env, address, stack, certificates=certificates, auth=auth,
+                            verbose=verbose)
+        security = (["--ssl-ca-certfile", str(certificates.ca),
+                     "--ssl-certfile", str(certificates.server_cert),
+                     "--ssl-keyfile", str(certificates.server_key)]
+                    if certificates else ["--insecure"])
         deploy.superlink = deploy.spawn(
             "superlink",
-            [_tool("flower-superlink"), "--insecure", "--isolation", "subprocess",
+            [_tool("flower-superlink"), *security,
+             *(["--enable-supernode-auth"] if auth else []), "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(link_port),
              "--disable-runtime-dependency-installation"],
             {**env, "FLWR_HOME": str(home / "superlink")},
         )
         wait_for_port(link_port, deploy.superlink, deploy.logs / "superlink.log")
-        extra = " ".join(f"{k}={v}" for k, v in (node_config or {}).items())
         for index in range(num_nodes):
-            config = f"partition-id={index} num-partitions={num_nodes} {extra}".strip()
-            deploy.supernodes.append(deploy.spawn(
-                f"supernode-{index}",
-                [_tool("flower-supernode"), "--insecure", "--superlink", address,
-                 "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(free_port()),
-                 "--node-config", config],
-                {**env, "FLWR_HOME": str(home / f"supernode-{index}")},
-            ))
+            deploy.add_supernode(index, num_nodes, node_config)
         yield deploy
 
 
@@ -190,6 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=PROJECT / ".flwr" / "deploy",
                         help="FLWR_HOME and logs of this rehearsal")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS with a new CA and SuperLink certificate (HOME/certificates)")
+    parser.add_argument("--auth", action="store_true",
+                        help="SuperNode authentication: register a new key per SuperNode "
+                             "(HOME/keys); implies --tls")
     args = parser.parse_args(argv)
     overrides = dict(args.overrides)
     if args.num_supernodes is not None:
@@ -202,8 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = args.home.resolve()
     # `kill`/`timeout` send SIGTERM: exit through the context manager so it stops every process
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    with deployment(nodes, home) as deploy:
-        print(f"fedapps.deploy: SuperLink on {deploy.address}, {nodes} SuperNodes; "
+    with deployment(nodes, home, tls=args.tls, auth=args.auth,
+                    verbose=args.tls or args.auth) as deploy:
+        scheme = ("TLS + SuperNode auth" if args.auth else "TLS" if args.tls else "insecure")
+        print(f"fedapps.deploy: SuperLink on {deploy.address} ({scheme}), {nodes} SuperNodes; "
               f"logs in {deploy.logs}", flush=True)
         return deploy.run(write_run_config(values, home / "run-config.toml"), args.timeout,
                           echo=True)
