@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fedapps"
 
 # Lowest first; a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("fedapps.models", "fedapps.data.registry", "fedapps.data.partition", "fedapps.data.shapes"),
+    ("fedapps.models", "fedapps.data.registry", "fedapps.data.partition", "fedapps.data.shapes",
+     "fedapps.data.flwr_partitioner"),
     ("fedapps.config",),
     ("fedapps.data.federated",),
     ("fedapps.training", "fedapps.tuning"),

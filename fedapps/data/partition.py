@@ -1,11 +1,13 @@
 """Federated splits as index lists: unlabeled server pool, then per-client train/val/test.
 
 A partition is plain data (indices into a :class:`~fedapps.data.registry.Dataset`), so it can be
-saved, published and loaded again (:func:`save_partition` / :func:`load_partition`). We partition
-indices with numpy rather than flwr-datasets' partitioners because every method here needs the
-same bookkeeping those do not expose: one server-held unlabeled pool removed from *every* client,
-the paper's two-level Dirichlet (sizes and label mixes drawn separately), per-client
-train/val/test splits, and a portable file of the exact indices.
+saved, published and loaded again (:func:`save_partition` / :func:`load_partition`). The steps
+that decide which samples a client gets (:func:`draw_server_pool`, then
+:func:`two_level_dirichlet`) are public functions on plain label arrays, shared with
+:class:`fedapps.data.flwr_partitioner.TwoLevelDirichletPartitioner`, the same split as a
+flwr-datasets ``Partitioner`` for Hugging Face data sets. What stays here is the bookkeeping
+flwr-datasets does not model: per-client train/val/test splits and a portable file of the exact
+indices.
 """
 
 from __future__ import annotations
@@ -77,23 +79,13 @@ def make_partition(
 ) -> Partition:
     """Deterministic in ``seed``: the same arguments always give the same indices."""
     rng = np.random.default_rng(seed)
-    num_unlabeled = unlabeled_pool_size(unlabeled_size, len(dataset))
-    if num_unlabeled >= len(dataset):
-        raise DataError(
-            f"unlabeled-size={num_unlabeled} takes all {len(dataset)} samples of "
-            f"'{dataset.name}'; leave data for the clients"
-        )
-    order = rng.permutation(len(dataset))
-    unlabeled, remaining = np.sort(order[:num_unlabeled]), order[num_unlabeled:]
-    if num_clients > len(remaining):
-        raise DataError(
-            f"num-clients={num_clients} is more than the {len(remaining)} samples left for "
-            f"clients in '{dataset.name}' after the unlabeled pool of {num_unlabeled}"
-        )
+    unlabeled, remaining = draw_server_pool(
+        len(dataset), unlabeled_size, num_clients, rng, name=dataset.name
+    )
     if partitioner == "iid":
         shards = np.array_split(remaining, num_clients)
     elif partitioner == "dirichlet":
-        shards = _two_level_dirichlet(
+        shards = two_level_dirichlet(
             dataset.y, remaining, num_clients, alpha_label, alpha_size, rng
         )
     elif partitioner == "natural":
@@ -109,7 +101,40 @@ def make_partition(
     return Partition(unlabeled, clients)
 
 
-def _two_level_dirichlet(
+def draw_server_pool(
+    num_samples: int,
+    unlabeled_size: int,
+    num_clients: int,
+    rng: np.random.Generator,
+    *,
+    name: str = "the data set",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove the server's unlabeled pool first: ``(pool, rest)`` as indices into the data set.
+
+    ``pool`` is sorted; ``rest`` is in the random order the clients' partitioner then consumes.
+    It draws one permutation of all samples from ``rng`` even for an empty pool, so what follows
+    is the same whatever the pool size. ``unlabeled_size=-1`` is :func:`unlabeled_pool_size`'s
+    automatic size.
+    """
+    num_unlabeled = unlabeled_pool_size(unlabeled_size, num_samples)
+    if num_unlabeled < 0:
+        raise DataError(f"unlabeled-size={unlabeled_size}: use -1 (automatic) or a size >= 0")
+    if num_unlabeled >= num_samples:
+        raise DataError(
+            f"unlabeled-size={num_unlabeled} takes all {num_samples} samples of "
+            f"'{name}'; leave data for the clients"
+        )
+    order = rng.permutation(num_samples)
+    unlabeled, remaining = np.sort(order[:num_unlabeled]), order[num_unlabeled:]
+    if num_clients > len(remaining):
+        raise DataError(
+            f"num-clients={num_clients} is more than the {len(remaining)} samples left for "
+            f"clients in '{name}' after the unlabeled pool of {num_unlabeled}"
+        )
+    return unlabeled, remaining
+
+
+def two_level_dirichlet(
     labels: np.ndarray,
     indices: np.ndarray,
     num_clients: int,
@@ -119,8 +144,15 @@ def _two_level_dirichlet(
 ) -> list[np.ndarray]:
     """Client sizes ~ Dir(alpha_size); each client's label mix ~ Dir(alpha_label).
 
+    ``labels`` are non-negative integer class ids for the whole data set and ``indices`` the
+    samples to share out (their order matters: it is the order the per-class pools are drawn
+    from). Returns one index array per client, in the order the samples were drawn.
+
     Clients are filled one after another by drawing labels from their own mix among the classes
-    that still have samples, so sizes are met exactly and no sample is used twice.
+    that still have samples (the quota masking: a class whose pool is used up gets weight 0, and
+    a client whose classes all ran out falls back to whatever is left), so sizes are met exactly
+    and no sample is used twice. This is the one implementation; ``make_partition`` and the
+    flwr-datasets partitioner both call it.
     """
     num_classes = int(labels.max()) + 1
     pools = [list(rng.permutation(indices[labels[indices] == c])) for c in range(num_classes)]
