@@ -48,7 +48,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedapps import training
-from fedapps.config import exit_on_bad_input
+from fedapps.config import exit_on_bad_input, method_uses
 from fedapps.inprocess import run_in_process
 from fedapps.models import build_model
 from fedapps.protocol.results import read_rounds
@@ -300,8 +300,16 @@ def run_average(phases: Mapping[str, Mapping[str, float]], key: str) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def own_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings without another method's keys (FedMe's, in a FedAvg run): a run rejects
+    a key its method does not use, and the suites share one settings dict per workload."""
+    return {key: value for key, value in settings.items()
+            if method_uses(str(settings["method"]), key)}
+
+
 def execute(settings: Mapping[str, Any], engine: str) -> tuple[Path, float, float]:
     """One run: results folder, wall seconds, peak memory (GB) of the process tree."""
+    settings = own_keys(settings)
     started = time.perf_counter()
     with PeakMemory() as memory:
         folder = simulate(settings) if engine == "flower" else run_in_process(settings)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from benchmarks import round_time as rt
+from fedapps.config import RunConfig, app_defaults
 
 
 def test_generated_images_have_the_shape_labels_and_seed_asked_for():
@@ -108,3 +109,12 @@ def test_partition_counts_read_the_runs_partition_file(tmp_path):
 def test_quick_mode_is_one_small_workload():
     args = rt.parse(["--quick"])
     assert (args.shapes, args.clients, args.pools, args.rounds) == (["28"], [20], [500], 3)
+
+
+@pytest.mark.parametrize("method", ["fedme", "fedavg"])
+def test_every_suite_run_has_a_valid_config(method, tmp_path):
+    """One settings dict per workload serves both methods; each run keeps only its own keys."""
+    data = rt.write_images(tmp_path, rt.WORKLOADS["28"], clients=4, pool=50)
+    for settings in (rt.image_settings(rt.WORKLOADS["28"], method, 4, 50, data, 2, "cpu"),
+                     {**rt.DIGITS, "method": method, "num-clients": 4}):
+        RunConfig.from_mapping({**app_defaults(), **rt.own_keys(settings)})
