@@ -80,7 +80,8 @@ class RunConfig(BaseModel):
 
     # ---------------------------------------------------------------- shared: data
     method: Literal[METHOD_NAMES] = option("fedme", "the method to run (docs/architecture.md)")
-    dataset: Literal[DATASET_NAMES] = option("digits", "data set (docs/data.md)")
+    dataset: Literal[DATASET_NAMES] = option(
+        "digits", "data set (docs/data.md); 'devices': each SuperNode holds its own file")
     data_path: str = option("", "file or folder of the data set; empty: the packaged copy")
     partitioner: Literal["iid", "dirichlet", "natural"] = option("dirichlet", "client partition")
     partition_file: str = option("", "a saved partition (JSON); replaces the partitioner")
@@ -240,6 +241,7 @@ class RunConfig(BaseModel):
         for key, path in (("data-path", self.data_path), ("partition-file", self.partition_file)):
             if path and not Path(path).exists():
                 raise ConfigError(f"{key}='{path}': no such file or directory")
+        self._devices_hold_the_data()
         self.faults()
         self.cluster_schedule_pairs()
         for name in self.candidates:
@@ -263,6 +265,23 @@ class RunConfig(BaseModel):
             if not method_uses(self.method, key) and getattr(self, name) != field.default:
                 raise ConfigError(f"{key}={getattr(self, name)!r}: method '{self.method}' "
                                   "does not use this key")
+
+    def _devices_hold_the_data(self) -> None:
+        """``dataset = "devices"``: no partition, and nothing on the server needs client data."""
+        if self.dataset != "devices":
+            return
+        if not self.data_path:
+            raise ConfigError("dataset='devices' needs data-path: the server's file (server.npz "
+                              "from python -m fedapps.data.split)")
+        if self.partition_file:
+            raise ConfigError("partition-file: dataset='devices' has no partition; each device "
+                              "holds its own file")
+        if self.method == "centralized":
+            raise ConfigError("method='centralized' pools every client's data on one node, which "
+                              "dataset='devices' cannot do")
+        if self.global_test == "clients" and method_uses(self.method, "distill.global-test"):
+            raise ConfigError("distill.global-test='clients' needs the clients' test sets on the "
+                              "server; with dataset='devices' use 'server'")
 
     def _validate_init_arch(self) -> None:
         if self.init_arch in INIT_ARCH_MODES:

@@ -1,7 +1,7 @@
 """Rehearse a real deployment on one machine: a SuperLink and N SuperNodes as real processes.
 
     python -m fedapps.deploy [conf/EXPERIMENT.toml] [--num-supernodes N] [--set key=value ...]
-                             [--tls] [--auth]
+                             [--tls] [--auth] [--devices DIR]
 
 Unlike :mod:`fedapps.launch` (Flower's simulation engine), this starts ``flower-superlink`` and
 one ``flower-supernode`` per client, talking over loopback HTTP exactly as separate machines
@@ -10,8 +10,10 @@ rollout. By default everything runs insecure on free 127.0.0.1 ports with a priv
 ``--tls`` first makes a CA and a SuperLink certificate for 127.0.0.1/localhost with openssl
 (``HOME/certificates``), ``--auth`` (implies ``--tls``) also makes one ssh-keygen key per
 SuperNode (``HOME/keys``) and registers it with ``flwr supernode register`` before the
-SuperNode starts: the steps of docs/deployment.md, with absolute paths. Every process started
-is killed on exit, also on errors and timeouts.
+SuperNode starts: the steps of docs/deployment.md, with absolute paths. ``--devices DIR`` gives
+each SuperNode only its own data file (``python -m fedapps.data.split`` writes them) and the
+server only ``DIR/server.npz``, as real devices run. Every process started is killed on exit, also
+on errors and timeouts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import psutil
 
 from fedapps.config import PROJECT, ConfigError, exit_on_bad_input, parse_override, resolve
+from fedapps.data.devices import node_config_line
 from fedapps.launch import flwr_environment, free_port, num_supernodes, write_run_config
 
 CONNECTION = "rehearsal"
@@ -199,6 +202,7 @@ class Deployment:
     certificates: Certificates | None = None  # TLS: the SuperLink's CA and certificate
     auth: bool = False  # SuperNodes must be registered (flwr supernode register)
     node_ids: dict[str, int] = field(default_factory=dict)  # registered, by SuperNode name
+    supernode_ports: dict[str, tuple[subprocess.Popen[bytes], int]] = field(default_factory=dict)
     verbose: bool = False  # print every command run
 
     @property
@@ -259,13 +263,14 @@ class Deployment:
         """The SuperLink's SuperNodes (``flwr supernode list``): node-id, status, ..."""
         return json.loads(self.flwr("supernode", "list", CONNECTION, "--format", "json"))["nodes"]
 
-    def add_supernode(self, partition_id: int, num_partitions: int,
+    def add_supernode(self, partition_id: int | None, num_partitions: int,
                       node_config: Mapping[str, Any] | None = None, *, name: str | None = None,
                       insecure: bool | None = None, root_certificates: Path | None = None,
                       authenticate: bool | None = None, private_key: Path | None = None,
                       register: bool = True,
                       max_retries: int | None = None) -> subprocess.Popen[bytes]:
-        """Start a SuperNode for partition ``partition_id`` of ``num_partitions``.
+        """Start a SuperNode for partition ``partition_id`` of ``num_partitions`` (``None``: a
+        device whose node config names its own data file, which carries its partition id).
 
         By default it connects as the deployment expects: ``--insecure``, or TLS with the
         deployment's CA and, with auth, a key pair (``private_key``, or a new one
@@ -273,10 +278,12 @@ class Deployment:
         SuperNode that should be refused; ``max_retries`` makes it give up (and exit) when it
         cannot connect.
         """
-        name = name or f"supernode-{partition_id}"
+        node_config = dict(node_config or {})
+        name = name or str(node_config.get("device-name", f"supernode-{partition_id}"))
         insecure = self.certificates is None if insecure is None else insecure
+        port = free_port()  # its ClientAppIo API: open once the SuperNode is up
         command = [_tool("flower-supernode"), "--superlink", self.address,
-                   "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(free_port())]
+                   "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
         ca = root_certificates or (self.certificates.ca if self.certificates else None)
         if insecure:
             command.append("--insecure")
@@ -291,12 +298,20 @@ class Deployment:
             command += ["--auth-supernode-private-key", str(private_key)]
         if max_retries is not None:
             command += ["--max-retries", str(max_retries)]
-        extra = " ".join(f"{k}={v}" for k, v in (node_config or {}).items())
-        config = f"partition-id={partition_id} num-partitions={num_partitions} {extra}".strip()
-        command += ["--node-config", config]
+        if partition_id is not None:
+            node_config = {"partition-id": partition_id, "num-partitions": num_partitions,
+                           **node_config}
+        command += ["--node-config", node_config_line(node_config)]
         process = self.spawn(name, command, {**self.env, "FLWR_HOME": str(self.home / name)})
         self.supernodes.append(process)
+        self.supernode_ports[name] = (process, port)
         return process
+
+    def wait_for_supernodes(self) -> None:
+        """Return once every SuperNode started so far is up; one that died (a bad node config,
+        a missing file) fails here, naming its log, instead of leaving the run waiting."""
+        for name, (process, port) in self.supernode_ports.items():
+            wait_for_port(port, process, self.logs / f"{name}.log")
 
     def kill_supernode(self, index: int) -> None:
         """Kill one SuperNode abruptly (with its ClientApps), as a crashed device would go."""
@@ -313,11 +328,30 @@ def _tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def device_node_configs(folder: Path) -> list[dict[str, str]]:
+    """One node config per device file in ``folder`` (``devices.json`` of
+    ``python -m fedapps.data.split``): its own file and name, no partition-id."""
+    manifest = folder / "devices.json"
+    if not manifest.exists():
+        raise ConfigError(f"--devices {folder}: no devices.json there; make the files with "
+                          f"`python -m fedapps.data.split CONFIG --out {folder}`")
+    devices = json.loads(manifest.read_text())["devices"]
+    return [{"data-path": str((folder / device["file"]).resolve()),
+             "device-name": Path(device["file"]).stem} for device in devices]
+
+
+def device_run_config(values: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """The run's config for devices holding their own data: the server reads only its file."""
+    return {**values, "dataset": "devices", "data-path": str((folder / "server.npz").resolve()),
+            "partition-file": "", "num-clients": len(device_node_configs(folder))}
+
+
 @contextmanager
 def deployment(num_nodes: int, home: Path, node_config: Mapping[str, Any] | None = None,
-               tls: bool = False, auth: bool = False,
-               verbose: bool = False) -> Iterator[Deployment]:
-    """Start a SuperLink and ``num_nodes`` SuperNodes (partition-id i of ``num_nodes``).
+               tls: bool = False, auth: bool = False, verbose: bool = False,
+               devices: Sequence[Mapping[str, Any]] | None = None) -> Iterator[Deployment]:
+    """Start a SuperLink and ``num_nodes`` SuperNodes (partition-id i of ``num_nodes``), or one
+    SuperNode per entry of ``devices`` with that node config (:func:`device_node_configs`).
 
     ``home`` holds FLWR_HOME for the CLI, one per server process, ``logs/`` and, with ``tls``,
     ``certificates/`` (a new CA and a certificate for 127.0.0.1/localhost); ``auth`` (needs
@@ -350,8 +384,13 @@ def deployment(num_nodes: int, home: Path, node_config: Mapping[str, Any] | None
             {**env, "FLWR_HOME": str(home / "superlink")},
         )
         wait_for_port(link_port, deploy.superlink, deploy.logs / "superlink.log")
-        for index in range(num_nodes):
-            deploy.add_supernode(index, num_nodes, node_config)
+        if devices is not None:
+            for device in devices:
+                deploy.add_supernode(None, len(devices), {**device, **(node_config or {})})
+        else:
+            for index in range(num_nodes):
+                deploy.add_supernode(index, num_nodes, node_config)
+        deploy.wait_for_supernodes()
         yield deploy
 
 
@@ -371,11 +410,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--auth", action="store_true",
                         help="SuperNode authentication: register a new key per SuperNode "
                              "(HOME/keys); implies --tls")
+    parser.add_argument("--devices", type=Path, default=None, metavar="DIR",
+                        help="each SuperNode gets its own file from DIR (python -m "
+                             "fedapps.data.split CONFIG --out DIR); the server reads only "
+                             "DIR/server.npz")
     args = parser.parse_args(argv)
     overrides = dict(args.overrides)
     if args.num_supernodes is not None:
         overrides.setdefault("num-clients", args.num_supernodes)
     values = resolve(args.config, overrides)
+    devices = device_node_configs(args.devices) if args.devices else None
+    if args.devices:
+        values = resolve(None, device_run_config(values, args.devices))
     nodes = args.num_supernodes or num_supernodes(values)
     if nodes != num_supernodes(values):
         parser.error(f"--num-supernodes {nodes} differs from the run's "
@@ -383,8 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = args.home.resolve()
     # `kill`/`timeout` send SIGTERM: exit through the context manager so it stops every process
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    with deployment(nodes, home, tls=args.tls, auth=args.auth,
-                    verbose=args.tls or args.auth) as deploy:
+    with deployment(nodes, home, tls=args.tls, auth=args.auth, verbose=args.tls or args.auth,
+                    devices=devices) as deploy:
         scheme = ("TLS + SuperNode auth" if args.auth else "TLS" if args.tls else "insecure")
         print(f"fedapps.deploy: SuperLink on {deploy.address} ({scheme}), {nodes} SuperNodes; "
               f"logs in {deploy.logs}", flush=True)

@@ -7,7 +7,7 @@ measure Flower's overhead and to run many accuracy runs side by side, one proces
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,18 @@ from fedapps.config import RunConfig, app_defaults
 class InProcessGrid:
     """The part of Flower's Grid the strategies use, answered by calling the handlers directly."""
 
-    def __init__(self, num_nodes: int) -> None:
+    def __init__(self, num_nodes: int,
+                 node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """``num_nodes`` simulated nodes (partition-id i), or one node per ``node_configs``
+        entry, e.g. devices with their own data: ``{"data-path": "devices/device-000.npz"}``."""
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        if node_configs is None:
+            node_configs = [{"partition-id": i, "num-partitions": num_nodes}
+                            for i in range(num_nodes)]
         self.contexts = {
             node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                          node_config={"partition-id": node - 1, "num-partitions": num_nodes})
-            for node in range(1, num_nodes + 1)
+                          node_config=dict(node_config))
+            for node, node_config in enumerate(node_configs, start=1)
         }
 
     def get_node_ids(self) -> list[int]:
@@ -48,11 +54,13 @@ class InProcessGrid:
         return replies
 
 
-def run_in_process(settings: Mapping[str, Any]) -> Path:
-    """The app defaults with ``settings`` on top, run without Flower; returns the results folder."""
+def run_in_process(settings: Mapping[str, Any],
+                   node_configs: Sequence[Mapping[str, Any]] | None = None) -> Path:
+    """The app defaults with ``settings`` on top, run without Flower; returns the results folder.
+    ``node_configs``: one per node (default: ``num-clients`` simulated partitions)."""
     values = {**app_defaults(), **settings}
     config = RunConfig.from_mapping(values)
-    grid = InProcessGrid(config.num_clients)
+    grid = InProcessGrid(config.num_clients, node_configs)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=values)
     return server.run(grid, context)

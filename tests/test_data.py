@@ -5,7 +5,7 @@ import pytest
 from flwr.app import RecordDict
 
 from fedapps.client import describe
-from fedapps.config import ConfigError, RunConfig
+from fedapps.config import RunConfig
 from fedapps.data.federated import (
     DataError,
     client_data,
@@ -174,8 +174,8 @@ def test_a_device_reads_its_own_copy_of_the_data(npz_images, tmp_path):
                     unlabeled_size=12, min_client_samples=5)
     query = message(RecordDict({"config": config_record(run)}), "query")
     server_copy.unlink()  # the device does not have the server's path
-    with pytest.raises(ConfigError, match="no such file"):
-        describe(query, context(1, 3))
+    with pytest.raises(DataError, match="^partition-id=1: data-path=.* no such file"):
+        describe(query, context(1, 3))  # the error names the node
     device = context(1, 3)
     device.node_config["data-path"] = str(npz_images)
     reply = describe(query, device)

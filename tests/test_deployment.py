@@ -12,8 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedapps.config import resolve
-from fedapps.deploy import Deployment, deployment
+from fedapps.config import RunConfig, resolve
+from fedapps.data.devices import read_device_file
+from fedapps.data.federated import partition_for
+from fedapps.data.split import split_for_devices
+from fedapps.deploy import Deployment, deployment, device_node_configs, device_run_config
 from fedapps.launch import write_run_config
 from fedapps.methods.distill.channel import open_channel
 from fedapps.methods.distill.distillation import GLOBAL_LOG, read_log
@@ -26,6 +29,8 @@ SMALL = {
     "method": "fedme", "num-clients": 3, "num-rounds": 2, "fedme.local-best-epochs": 1,
     "local-epochs": 1, "finetune-epochs": 1, "fedme.candidate-models": "cnn1,cnn2",
 }
+FEDAVG = {"method": "fedavg", "num-clients": 3, "num-rounds": 2, "local-epochs": 1,
+          "finetune-epochs": 1, "model": "cnn1"}
 
 
 def run_config(tmp_path: Path, **overrides: object) -> Path:
@@ -92,6 +97,8 @@ def test_fedme_on_real_processes_finishes_when_a_supernode_dies(tmp_path):
     rows = read_rounds(folder)
     assert [row["round"] for row in rows] == [1, 2]
     assert rows[0]["replies"] == 3 and rows[1]["replies"] == 2
+    # the dead SuperNode is named by its partition: silent, or an error reply from the SuperLink
+    assert 2 in rows[1].get("no-reply", []) or "2" in rows[1]["rejected"]
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["clients"]) == {"0", "1"}
     assert summary["after-finetune"]["mean"] > 0.1
@@ -131,3 +138,40 @@ def test_async_distill_as_two_runs_on_one_real_superlink(tmp_path):
     tests = read_log(distilled / GLOBAL_LOG)
     assert [t["version"] for t in tests] == sorted(t["version"] for t in tests)
     assert tests[-1]["version"] == 3 and tests[-1]["accuracy"] > tests[0]["accuracy"]
+
+
+def test_a_supernode_that_dies_at_start_is_reported_with_its_log(tmp_path):
+    """A SuperNode that exits at once (here: its CA file is missing) fails the rehearsal when it
+    starts, naming its log, instead of leaving the ServerApp waiting for it."""
+    with deployment(1, tmp_path / "flwr") as deploy:
+        deploy.add_supernode(1, 2, insecure=False, root_certificates=tmp_path / "missing.crt")
+        with pytest.raises(RuntimeError, match=r"exited .*/supernode-1\.log"):
+            deploy.wait_for_supernodes()
+
+
+def test_devices_with_only_their_own_files_run_fedme_and_fedavg(tmp_path):
+    """The deployment of issue 15 rehearsed: ``fedapps.data.split`` writes one file per device
+    and the server's; each real SuperNode gets only its file (no partition-id in its node
+    config) and the ServerApp only ``server.npz``, which holds the unlabeled pool and nothing of
+    the clients'. FedMe (which clusters on the pool) and FedAvg run one after the other."""
+    config = RunConfig.from_mapping(resolve(None, {**SMALL, "num-rounds": 1}))
+    split_for_devices(config, tmp_path / "devices")
+    server = read_device_file(str(tmp_path / "devices" / "server.npz"))
+    assert len(server.y) == len(partition_for(config).unlabeled)  # the pool and nothing else
+    devices = device_node_configs(tmp_path / "devices")
+    assert all("partition-id" not in node for node in devices)
+    with deployment(len(devices), tmp_path / "flwr", devices=devices) as deploy:
+        for method, settings in (("fedme", SMALL), ("fedavg", FEDAVG)):
+            values = device_run_config(
+                resolve(None, {**settings, "num-rounds": 1, "results-dir": str(tmp_path / method)}),
+                tmp_path / "devices")
+            run = deploy.start_run(write_run_config(values, tmp_path / f"{method}.toml"),
+                                   name=method)
+            assert finish(deploy, run, RUN_TIMEOUT_S) == 0, deploy.log_tail(method)
+    for method in ("fedme", "fedavg"):
+        [folder] = (tmp_path / method).glob(f"{method}-devices-*")
+        roster = json.loads((folder / "clients.json").read_text())
+        assert {entry["device"] for entry in roster.values()} == {
+            "device-000", "device-001", "device-002"}
+        assert not (folder / "partition.json").exists()
+        assert json.loads((folder / "summary.json").read_text())["after-finetune"]["mean"] > 0.1

@@ -22,7 +22,8 @@ def test_fedme_survives_errors_timeouts_and_poison():
     assert [r["replies"] for r in rows] == [3, 3, 3]
     assert "fault-injection: client 1 fails in round 1" in rows[0]["rejected"]["1"]
     assert "NaN" in rows[1]["rejected"]["2"]
-    assert rows[2]["rejected"] == {}  # the slow client is simply missing
+    assert rows[2]["rejected"] == {}  # the slow client is missing, named by its partition
+    assert rows[2]["no-reply"] == [3] and "no-reply" not in rows[1]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["after-finetune"]["mean"] > 0.3
 

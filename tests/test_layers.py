@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fedapps"
 
 # Lowest first; a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("fedapps.models", "fedapps.data.registry", "fedapps.data.partition", "fedapps.data.shapes",
-     "fedapps.data.flwr_partitioner"),
+    ("fedapps.models", "fedapps.data.base", "fedapps.data.devices", "fedapps.data.registry",
+     "fedapps.data.partition", "fedapps.data.shapes", "fedapps.data.flwr_partitioner"),
     ("fedapps.config",),
     ("fedapps.data.federated",),
     ("fedapps.training", "fedapps.tuning"),
@@ -23,7 +23,7 @@ LAYERS = [
     ("fedapps.registry",),
     ("fedapps.server", "fedapps.client"),
     ("fedapps.launch", "fedapps.deploy", "fedapps.simulation", "fedapps.inprocess",
-     "fedapps.compare"),
+     "fedapps.compare", "fedapps.data.split"),
 ]
 
 

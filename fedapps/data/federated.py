@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from fedapps.config import RunConfig
+from fedapps.data.devices import DeviceFile, read_device_file
 from fedapps.data.partition import (
     ClientSplit,
     Partition,
     load_partition,
     make_partition,
     save_partition,
+    split_client,
 )
 from fedapps.data.registry import DATASETS, DataError, Dataset, load_dataset
 
@@ -31,11 +33,14 @@ __all__ = [
     "Partition",
     "client_data",
     "dataset_for",
+    "device_file",
     "load_dataset",
     "load_partition",
     "make_partition",
+    "num_clients_of",
     "partition_for",
     "save_partition",
+    "server_pool",
     "unlabeled_inputs",
 ]
 
@@ -62,7 +67,21 @@ def dataset_for(name: str, data_path: str = "") -> Dataset:
 
 
 @functools.lru_cache(maxsize=8)
+def device_file(path: str) -> DeviceFile:
+    return read_device_file(path)
+
+
+def num_clients_of(config: RunConfig) -> int:
+    """Clients of the run: the partition's, or the devices the run expects (``num-clients``)."""
+    return config.num_clients if config.dataset == "devices" else partition_for(config).num_clients
+
+
+@functools.lru_cache(maxsize=8)
 def partition_for(config: RunConfig) -> Partition:
+    """How one data set is shared out; with ``dataset = "devices"`` the data is already out there,
+    and there is no partition."""
+    if config.dataset == "devices":
+        raise DataError("dataset='devices': each device holds its own data; there is no partition")
     dataset = dataset_for(config.dataset, config.data_path)
     if config.partition_file:
         return load_partition(config.partition_file, dataset)
@@ -86,6 +105,9 @@ def _tensors(dataset: Dataset, indices: np.ndarray) -> Split:
 
 @functools.lru_cache(maxsize=256)
 def client_data(config: RunConfig, partition_id: int) -> ClientData:
+    """This client's train/val/test: its partition's indices, or its own file on a device."""
+    if config.dataset == "devices":
+        return _device_data(config, partition_id)
     partition = partition_for(config)
     if not 0 <= partition_id < partition.num_clients:
         raise DataError(
@@ -99,7 +121,44 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
     )
 
 
+def _device_data(config: RunConfig, partition_id: int) -> ClientData:
+    """A device's own file, split with the run's fractions and seed when it is not split yet."""
+    own = device_file(config.data_path)
+    if own.role != "device":
+        raise DataError(
+            f"data-path='{config.data_path}' is the server's file; start the SuperNode with "
+            "--node-config 'data-path=<its own device file>'"
+        )
+    if len(own.y) < max(config.min_client_samples, 1):
+        raise DataError(f"data-path='{config.data_path}': {len(own.y)} samples, fewer than "
+                        f"min-client-samples={config.min_client_samples}")
+    splits = own.splits
+    if splits is None:
+        rng = np.random.default_rng([config.seed, partition_id])
+        split = split_client(partition_id, np.arange(len(own.y)), config.val_fraction,
+                             config.test_fraction, config.min_client_samples, rng)
+        splits = {name: (own.x[getattr(split, name)], own.y[getattr(split, name)])
+                  for name in ("train", "val", "test")}
+    if not len(splits["train"][1]):
+        raise DataError(f"data-path='{config.data_path}': no training samples")
+    return ClientData(*(Split(torch.from_numpy(x), torch.from_numpy(y))
+                        for x, y in (splits[name] for name in ("train", "val", "test"))))
+
+
+def server_pool(config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The server's own samples ``(x, y)``: the unlabeled pool U (labels only for the
+    distillation server's test), from the partition or, with devices, the server's file."""
+    if config.dataset == "devices":
+        own = device_file(config.data_path)
+        if own.role != "server":
+            raise DataError(f"data-path='{config.data_path}' is a device's file; the server "
+                            "needs server.npz from python -m fedapps.data.split")
+        return own.x, own.y
+    dataset = dataset_for(config.dataset, config.data_path)
+    pool = partition_for(config).unlabeled
+    return dataset.x[pool], dataset.y[pool]
+
+
 def unlabeled_inputs(config: RunConfig) -> torch.Tensor:
     """The server's unlabeled pool U (inputs only): FedMe clusters on it, distillation uses it."""
-    dataset = dataset_for(config.dataset, config.data_path)
-    return torch.from_numpy(dataset.x[partition_for(config).unlabeled])
+    return torch.from_numpy(server_pool(config)[0])

@@ -95,7 +95,7 @@ def make_partition(
             f"partitioner='{partitioner}' is not known; allowed: iid, dirichlet, natural"
         )
     clients = [
-        _split_client(client, shard, val_fraction, test_fraction, min_client_samples, rng)
+        split_client(client, shard, val_fraction, test_fraction, min_client_samples, rng)
         for client, shard in enumerate(shards)
     ]
     return Partition(unlabeled, clients)
@@ -196,7 +196,7 @@ def _natural(
     return [np.sort(indices[groups == group]) for group in chosen]
 
 
-def _split_client(
+def split_client(
     client: int,
     indices: np.ndarray,
     val_fraction: float,

@@ -12,44 +12,18 @@ CIFAR-10, torchvision's ``cifar-10-batches-py`` folder), so runs work offline on
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedapps.data.base import DataError, Dataset, hf_table, labelled_arrays
+from fedapps.data.devices import load_device_file
 from fedapps.data.shapes import NUM_SAMPLES, SEED, make_shapes
 
 # LEAF's Shakespeare alphabet: the index of a character is its class.
 SHAKESPEARE_LETTERS = (
     "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 )
-
-
-class DataError(ValueError):
-    """Data that cannot be used: missing files, malformed arrays, impossible partitions."""
-
-
-@dataclass(frozen=True, eq=False)
-class Dataset:
-    """Features, labels and optional natural client ids (writer, character) of one data set."""
-
-    name: str
-    x: np.ndarray  # float32 images (N, C, H, W) or int64 token sequences (N, L)
-    y: np.ndarray  # int64 labels (N,)
-    num_classes: int
-    groups: np.ndarray | None = None  # natural id per sample, for the 'natural' partitioner
-    index_space: str = "sample order of the data set"
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
-
-    @property
-    def is_sequence(self) -> bool:
-        return self.x.ndim == 2
 
 
 def load_digits(data_path: str = "") -> Dataset:
@@ -96,21 +70,10 @@ def load_npz(data_path: str) -> Dataset:
         raise DataError(
             f"data-path='{data_path}': missing array(s) {sorted(missing)}; found {arrays.files}"
         )
-    x, y = arrays["x"], arrays["y"]
-    if len(x) != len(y):
-        raise DataError(f"data-path='{data_path}': x has {len(x)} samples but y has {len(y)}")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(f"data-path='{data_path}': y must be a 1-D array of labels >= 0")
-    if np.issubdtype(x.dtype, np.integer) and x.ndim == 2:
-        features = x.astype(np.int64)  # token sequences
-        num_classes = int(max(y.max(initial=0), x.max(initial=0))) + 1
-    else:
-        features = _as_channels_first(x.astype(np.float32), data_path)
-        if not np.isfinite(features).all():
-            raise DataError(f"data-path='{data_path}': x contains NaN or infinite values")
-        num_classes = int(y.max(initial=0)) + 1
+    features, labels, num_classes = labelled_arrays(arrays["x"], arrays["y"],
+                                                    f"data-path='{data_path}'")
     groups = arrays["groups"] if "groups" in arrays.files else None
-    return Dataset("npz", features, y.astype(np.int64), num_classes, groups)
+    return Dataset("npz", features, labels, num_classes, groups)
 
 
 def load_cifar10(data_path: str = "") -> Dataset:
@@ -124,7 +87,7 @@ def load_cifar10(data_path: str = "") -> Dataset:
         images = np.concatenate([part.data for part in parts])
         labels = np.concatenate([np.asarray(part.targets) for part in parts])
     else:
-        table = _hf_table("uoft-cs/cifar10", data_path)
+        table = hf_table("uoft-cs/cifar10", data_path)
         images = np.stack([np.asarray(img.convert("RGB")) for img in table["img"]])
         labels = np.asarray(table["label"])
     x = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
@@ -139,7 +102,7 @@ def load_cifar10(data_path: str = "") -> Dataset:
 
 def load_femnist(data_path: str = "") -> Dataset:
     """FEMNIST (``flwrlabs/femnist``): 62 classes, natural clients = writers."""
-    table = _hf_table("flwrlabs/femnist", data_path)
+    table = hf_table("flwrlabs/femnist", data_path)
     images = np.stack([np.asarray(img.convert("L")) for img in table["image"]])
     x = (images.astype(np.float32) / 255.0)[:, None, :, :]
     _, writers = np.unique(np.asarray(table["writer_id"]), return_inverse=True)
@@ -151,7 +114,7 @@ def load_femnist(data_path: str = "") -> Dataset:
 
 def load_shakespeare(data_path: str = "") -> Dataset:
     """Shakespeare (``flwrlabs/shakespeare``): next character of an 80-character line."""
-    table = _hf_table("flwrlabs/shakespeare", data_path)
+    table = hf_table("flwrlabs/shakespeare", data_path)
     lookup = {char: index for index, char in enumerate(SHAKESPEARE_LETTERS)}
     unknown = len(SHAKESPEARE_LETTERS) - 1  # rare characters map to the last symbol
 
@@ -175,6 +138,7 @@ DATASETS: dict[str, Callable[[str], Dataset]] = {
     "femnist": load_femnist,
     "shakespeare": load_shakespeare,
     "npz": load_npz,
+    "devices": load_device_file,
 }
 
 
@@ -184,38 +148,7 @@ def load_dataset(name: str, data_path: str = "") -> Dataset:
     return DATASETS[name](data_path)
 
 
-def _hf_table(hub_id: str, data_path: str):
-    """All splits of a Hub data set (or a save_to_disk copy): train first, then by name."""
-    import datasets
-
-    if data_path:
-        try:
-            loaded = datasets.load_from_disk(data_path)
-        except FileNotFoundError as error:
-            raise DataError(
-                f"data-path='{data_path}': not a folder written by datasets' save_to_disk "
-                f"({error})"
-            ) from None
-    else:
-        loaded = datasets.load_dataset(hub_id)
-    if isinstance(loaded, datasets.DatasetDict):
-        order = sorted(loaded, key=lambda split: (split != "train", split))
-        loaded = datasets.concatenate_datasets([loaded[split] for split in order])
-    return loaded
-
-
 def _is_torchvision_cifar(folder: Path) -> bool:
     return (folder / "data_batch_1").exists() or (
         folder / "cifar-10-batches-py" / "data_batch_1"
     ).exists()
-
-
-def _as_channels_first(x: np.ndarray, source: str) -> np.ndarray:
-    if x.ndim == 3:
-        return x[:, None, :, :]
-    if x.ndim == 4:
-        return x if x.shape[1] in (1, 3) else x.transpose(0, 3, 1, 2).copy()
-    raise DataError(
-        f"{source}: x has shape {x.shape}; expected images (N,H,W), (N,C,H,W), (N,H,W,C) "
-        "or integer sequences (N,L)"
-    )

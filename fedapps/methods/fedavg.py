@@ -47,7 +47,18 @@ class RecordedFedAvg(FedAvg, ResumableStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.sent = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        return self._to_clients(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._to_clients(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _to_clients(self, messages: Iterable[Message]) -> list[Message]:
+        """Flower samples every connected node; a device left out at set-up (its data did not
+        fit) is connected but no client of this run."""
+        ours = set(self.node_of.values())
+        return [m for m in messages if m.metadata.dst_node_id in ours]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -46,7 +46,9 @@ T = TypeVar("T")
 
 class ResumableStrategy(Strategy):
     """What :func:`run_rounds` drives: a Flower strategy that can save and load its state and
-    reports each round as a record."""
+    reports each round as a record. ``node_of`` maps its clients' partition ids to node ids."""
+
+    node_of: dict[int, int]
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -108,6 +110,30 @@ def screen(
     return screened
 
 
+def silent_clients(phase: str, messages: list[Message], replies: list[Message],
+                   node_of: Mapping[int, int], timeout: float) -> list[int]:
+    """Partition ids sent a message that sent nothing back (a dead or cut-off SuperNode), each
+    logged with its partition: Flower reports only how many replies came."""
+    pid_of = {node: pid for pid, node in node_of.items()}
+    answered = {reply.metadata.src_node_id for reply in replies}
+    silent = sorted(pid_of[m.metadata.dst_node_id] for m in messages
+                    if m.metadata.dst_node_id not in answered and m.metadata.dst_node_id in pid_of)
+    for pid in silent:
+        log.warning("%s: no reply from client %d (node %d) within round-timeout=%gs",
+                    phase, pid, node_of[pid], timeout)
+    return silent
+
+
+def log_errors(phase: str, replies: Iterable[Message], node_of: Mapping[int, int]) -> None:
+    """Log each error reply with the client's partition (phases whose replies are not screened)."""
+    pid_of = {node: pid for pid, node in node_of.items()}
+    for reply in replies:
+        if reply.has_error():
+            node = reply.metadata.src_node_id
+            who = f"client {pid_of[node]} (node {node})" if node in pid_of else f"node {node}"
+            log.warning("%s: error from %s: %s", phase, who, error_summary(reply.error.reason))
+
+
 def participants(pids: list[int], config: RunConfig, rng: np.random.Generator,
                  at_least: int = 1) -> list[int]:
     """``fraction-train`` of the clients (at least ``min-replies`` and ``at_least``), seeded."""
@@ -154,21 +180,23 @@ def run_rounds(
         print(f"fedapps: resuming {recorder.folder} after round {checkpoint['round']}", flush=True)
     for server_round in range(first_round, config.num_rounds + 1):
         recorder.begin_round()
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config or ConfigRecord(), grid),
-            timeout=config.round_timeout,
-        )
+        messages = list(strategy.configure_train(server_round, arrays,
+                                                 train_config or ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        phase = f"round {server_round}"
+        silent = silent_clients(phase, messages, replies, strategy.node_of, config.round_timeout)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(
-                server_round, arrays, evaluate_config or ConfigRecord(), grid
-            ),
-            timeout=config.round_timeout,
-        )
+        messages = list(strategy.configure_evaluate(server_round, arrays,
+                                                    evaluate_config or ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        silent += silent_clients(f"{phase} evaluation", messages, replies, strategy.node_of,
+                                 config.round_timeout)
+        log_errors(f"{phase} evaluation", replies, strategy.node_of)
         strategy.aggregate_evaluate(server_round, replies)
-        recorder.log_round(server_round, **strategy.round_record())
+        record = strategy.round_record()
+        recorder.log_round(server_round, **record, **({"no-reply": silent} if silent else {}))
         every = config.checkpoint_every
         if every and (server_round % every == 0 or server_round == config.num_rounds):
             save_checkpoint(recorder.folder, {

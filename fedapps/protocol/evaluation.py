@@ -7,7 +7,6 @@ used by the per-round curves) and :func:`finetune` (before/after ``finetune-epoc
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,23 +15,21 @@ from flwr.serverapp import Grid
 
 from fedapps import training
 from fedapps.config import RunConfig
-from fedapps.protocol.messages import config_record, error_summary, from_arrays, in_partition_order
+from fedapps.protocol.engine import log_errors, silent_clients
+from fedapps.protocol.messages import config_record, from_arrays, in_partition_order
 from fedapps.protocol.node import arch_of, eval_metrics, generator, optim_of, reply, setup
 from fedapps.protocol.results import client_summary
-
-log = logging.getLogger(__name__)
 
 # What a method hands to the end-of-run evaluation: each client's architecture and arrays.
 FinalModels = Mapping[int, tuple[str, ArrayRecord]]
 
 
 def per_client(replies: Iterable[Message], key: str) -> dict[int, float]:
-    """``{partition id: metric}`` from the replies that carry it (errors are skipped)."""
+    """``{partition id: metric}`` from the replies that carry it (errors are skipped: the
+    round engine logs them with the client's partition)."""
     values = {}
     for answer in in_partition_order(replies):
         if answer.has_error():
-            log.warning("error from node %s: %s", answer.metadata.src_node_id,
-                        error_summary(answer.error.reason))
             continue
         metrics = answer.content["metrics"]
         if key in metrics:
@@ -57,6 +54,9 @@ def finetune_clients(grid: Grid, config: RunConfig, clients: Mapping[int, Mappin
             Message(content=content, message_type=message_type, dst_node_id=info["node"])
         )
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    node_of = {pid: info["node"] for pid, info in clients.items()}
+    silent_clients("final evaluation", messages, replies, node_of, config.round_timeout)
+    log_errors("final evaluation", replies, node_of)
     before, after = per_client(replies, "before-accuracy"), per_client(replies, "after-accuracy")
     tested = per_client(replies, "num-examples")
     return {

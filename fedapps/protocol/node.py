@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedapps import training
 from fedapps.config import RunConfig
-from fedapps.data.federated import ClientData, client_data, partition_for
+from fedapps.data.federated import ClientData, client_data, device_file, num_clients_of
+from fedapps.data.registry import DataError
 from fedapps.protocol.messages import run_config_of
 from fedapps.training import Optim
 
@@ -24,20 +26,40 @@ DEVICE_PATHS = ("data-path", "partition-file")
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
-    """The node's partition, checked against the run's client count."""
+    """The node's partition (its client number), checked against the run's client count.
+
+    It is the node config's ``partition-id``; a device with its own data may instead carry it in
+    its file (``python -m fedapps.data.split`` writes it there).
+    """
     node = context.node_config
-    if "partition-id" not in node:
+    expected = num_clients_of(config)
+    if "partition-id" in node:
+        pid = int(node["partition-id"])
+    elif config.dataset == "devices" and device_file(config.data_path).partition_id is not None:
+        pid = int(device_file(config.data_path).partition_id)
+    else:
         raise KeyError(
             "node config has no 'partition-id'; start the SuperNode with "
             "--node-config 'partition-id=N num-partitions=M'"
+            + (" or give its data file a partition_id" if config.dataset == "devices" else "")
         )
-    expected = partition_for(config).num_clients
     if "num-partitions" in node and int(node["num-partitions"]) != expected:
         raise ValueError(
             f"node config num-partitions={node['num-partitions']} but the run has "
             f"{expected} clients (num-clients or the partition file)"
         )
-    return int(node["partition-id"])
+    if config.dataset == "devices" and not 0 <= pid < expected:
+        raise DataError(f"partition-id={pid} but the run has num-clients={expected}")
+    return pid
+
+
+def device_name(context: Context) -> str:
+    """What a person calls this node: ``device-name`` of its node config, else its data file's
+    name, else nothing (simulated nodes are known by partition id alone)."""
+    node = context.node_config
+    if "device-name" in node:
+        return str(node["device-name"])
+    return Path(str(node["data-path"])).stem if "data-path" in node else ""
 
 
 def generator(config: RunConfig, *parts: int | str) -> torch.Generator:

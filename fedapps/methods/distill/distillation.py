@@ -45,7 +45,7 @@ from torch import nn
 
 from fedapps import training
 from fedapps.config import RunConfig, exit_on_bad_input, parse_override, resolve
-from fedapps.data.federated import client_data, dataset_for, partition_for
+from fedapps.data.federated import client_data, num_clients_of, server_pool
 from fedapps.methods.distill.channel import ChannelTimeout, ModelChannel, State, open_channel
 from fedapps.protocol.messages import from_arrays, new_model
 from fedapps.protocol.node import generator
@@ -68,25 +68,23 @@ class ServerData:
 
 def server_data(config: RunConfig) -> ServerData:
     """Split the server's pool (``unlabeled-size``) into U and the held-out test set."""
-    dataset = dataset_for(config.dataset, config.data_path)
-    pool = partition_for(config).unlabeled
+    pool_x, pool_y = server_pool(config)
     if config.global_test == "clients":
-        tests = [client_data(config, pid).test
-                 for pid in range(partition_for(config).num_clients)]
-        return ServerData(torch.from_numpy(dataset.x[pool]), torch.cat([t.x for t in tests]),
+        tests = [client_data(config, pid).test for pid in range(num_clients_of(config))]
+        return ServerData(torch.from_numpy(pool_x), torch.cat([t.x for t in tests]),
                           torch.cat([t.y for t in tests]))
-    held_out = round(config.global_test_fraction * len(pool))
-    if not 0 < held_out < len(pool):
+    held_out = round(config.global_test_fraction * len(pool_y))
+    if not 0 < held_out < len(pool_y):
         raise ValueError(
             f"distill.global-test-fraction={config.global_test_fraction} of the server's pool of "
-            f"{len(pool)} samples leaves no {'test' if held_out == 0 else 'distillation'} "
+            f"{len(pool_y)} samples leaves no {'test' if held_out == 0 else 'distillation'} "
             "sample; raise unlabeled-size"
         )
     # its own seed stream: the split must not shift when other seeded draws change
-    order = np.random.default_rng([config.seed, 7]).permutation(pool)
+    order = np.random.default_rng([config.seed, 7]).permutation(len(pool_y))
     test, distill = order[:held_out], order[held_out:]
-    return ServerData(torch.from_numpy(dataset.x[np.sort(distill)]),
-                      torch.from_numpy(dataset.x[test]), torch.from_numpy(dataset.y[test]))
+    return ServerData(torch.from_numpy(pool_x[np.sort(distill)]),
+                      torch.from_numpy(pool_x[test]), torch.from_numpy(pool_y[test]))
 
 
 def he_init(model: nn.Module) -> nn.Module:
