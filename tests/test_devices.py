@@ -92,7 +92,7 @@ def test_each_device_file_holds_exactly_its_client_and_the_server_file_only_the_
 def test_a_run_on_device_files_equals_the_run_on_the_partition(method, tmp_path):
     """Every method: devices with only their own files (no partition-id in the node config)
     give the rounds and results of the simulated partition they were split from (to float
-    rounding; async-distill too runs on them, but its rounds depend on timing by design)."""
+    rounding). async-distill's rounds depend on timing by design: it has its own test below."""
     values = {**TINY, "method": method, **SECTIONS.get(method, {})}
     _, folder = split(tmp_path, **values)
     partitioned = run_in_process({**values, "results-dir": str(tmp_path / "a")})
@@ -109,6 +109,20 @@ def test_a_run_on_device_files_equals_the_run_on_the_partition(method, tmp_path)
     roster = json.loads((on_devices / "clients.json").read_text())
     assert {pid: entry["device"] for pid, entry in roster.items()} == {
         str(p): f"device-{p:03d}" for p in range(4)}
+
+
+def test_async_distill_runs_on_device_files(tmp_path):
+    """Both halves on devices: the averaging server's clients train on their own files, the
+    distillation server distils on server.npz's pool and tests on its held-out part."""
+    values = {**TINY, "method": "async-distill", **SECTIONS["async-distill"]}
+    _, folder = split(tmp_path, **values)
+    results = run_in_process(device_run_config({**values, "results-dir": str(tmp_path / "r")},
+                                               folder), node_configs=device_node_configs(folder))
+    rows = comparable_rounds(results)
+    assert [row["round"] for row in rows] == list(range(1, TINY["num-rounds"] + 1))
+    assert all(row["replies"] == 4 for row in rows)
+    summary = json.loads((results / "summary.json").read_text())
+    assert 0.0 < summary["global-accuracy"] <= 1.0
 
 
 def test_the_server_never_opens_a_device_file(tmp_path, monkeypatch):
