@@ -18,6 +18,7 @@ A device's file is an ``.npz`` with ``x`` and ``y`` (split into train/val/test w
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,8 +62,10 @@ def load_device_file(data_path: str) -> Dataset:
     return read_device_file(data_path).as_dataset()
 
 
+@functools.lru_cache(maxsize=8)
 def read_device_file(path: str) -> DeviceFile:
-    """Read and check a device's (or the server's) file; every error names the file."""
+    """Read and check a device's (or the server's) file, once per process (the data set and the
+    client's splits both come from it); every error names the file."""
     source = f"data-path='{path}'"
     if Path(path).is_dir():
         pairs, extras = _from_disk(path, source), {}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedapps.config import RunConfig
-from fedapps.data.devices import DeviceFile, read_device_file
+from fedapps.data.devices import read_device_file
 from fedapps.data.partition import (
     ClientSplit,
     Partition,
@@ -33,7 +33,6 @@ __all__ = [
     "Partition",
     "client_data",
     "dataset_for",
-    "device_file",
     "load_dataset",
     "load_partition",
     "make_partition",
@@ -64,11 +63,6 @@ class ClientData:
 @functools.lru_cache(maxsize=4)
 def dataset_for(name: str, data_path: str = "") -> Dataset:
     return load_dataset(name, data_path)
-
-
-@functools.lru_cache(maxsize=8)
-def device_file(path: str) -> DeviceFile:
-    return read_device_file(path)
 
 
 def num_clients_of(config: RunConfig) -> int:
@@ -123,7 +117,7 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
 
 def _device_data(config: RunConfig, partition_id: int) -> ClientData:
     """A device's own file, split with the run's fractions and seed when it is not split yet."""
-    own = device_file(config.data_path)
+    own = read_device_file(config.data_path)
     if own.role != "device":
         raise DataError(
             f"data-path='{config.data_path}' is the server's file; start the SuperNode with "
@@ -149,7 +143,7 @@ def server_pool(config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """The server's own samples ``(x, y)``: the unlabeled pool U (labels only for the
     distillation server's test), from the partition or, with devices, the server's file."""
     if config.dataset == "devices":
-        own = device_file(config.data_path)
+        own = read_device_file(config.data_path)
         if own.role != "server":
             raise DataError(f"data-path='{config.data_path}' is a device's file; the server "
                             "needs server.npz from python -m fedapps.data.split")

@@ -149,7 +149,7 @@ def describe(msg: Message, context: Context, hooks: Mapping[str, SetupHook]) -> 
 
 def _node_identity(context: Context) -> str:
     """The node as its node config names it (the error itself names any file)."""
-    node = context.node_config
-    parts = [f"device '{device_name(context)}'" if device_name(context) else "",
+    node, name = context.node_config, device_name(context)
+    parts = [f"device '{name}'" if name else "",
              f"partition-id={node['partition-id']}" if "partition-id" in node else ""]
     return " ".join(part for part in parts if part) or "this node"

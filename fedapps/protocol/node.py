@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedapps import training
 from fedapps.config import RunConfig
-from fedapps.data.federated import ClientData, client_data, device_file, num_clients_of
+from fedapps.data.devices import read_device_file
+from fedapps.data.federated import ClientData, client_data, num_clients_of
 from fedapps.data.registry import DataError
 from fedapps.protocol.messages import run_config_of
 from fedapps.training import Optim
@@ -33,10 +34,11 @@ def partition_id(context: Context, config: RunConfig) -> int:
     """
     node = context.node_config
     expected = num_clients_of(config)
+    own = read_device_file(config.data_path) if config.dataset == "devices" else None
     if "partition-id" in node:
         pid = int(node["partition-id"])
-    elif config.dataset == "devices" and device_file(config.data_path).partition_id is not None:
-        pid = int(device_file(config.data_path).partition_id)
+    elif own is not None and own.partition_id is not None:
+        pid = own.partition_id
     else:
         raise KeyError(
             "node config has no 'partition-id'; start the SuperNode with "
