@@ -11,15 +11,21 @@ training images, unlabeled pools U = 500 and 1,000, FedMe and FedAvg. Every mode
 workload's model, so the FLOP count of a round is known exactly. Per run it prints:
 
 - the round breakdown (rounds.jsonl): client training (wall = summed / clients at once), pool
-  inference, k-means, packing, aggregation, the rest (Flower, evaluation), separately for K = 1
-  and K >= 2 rounds, and the run average under the paper's schedule (K = 1 for half the rounds);
+  inference, k-means, packing, aggregation, the rest (Flower, evaluation; the evaluate phase
+  alone in its own column), separately for K = 1 and K >= 2 rounds, and the run average under
+  the paper's schedule (K = 1 for half the rounds);
 - the **compute lower bound**: the round's FLOPs (DML training of both models, validation,
   evaluation, the server's pool inference in K >= 2 rounds; counted by
   ``torch.utils.flop_counter.FlopCounterMode`` on the project's own training functions) divided
   by the FLOP rate this machine reaches on the same calls (a microbenchmark: one torch thread
-  per client times the clients that fit on the cores, the pool pass on all cores; on a GPU, the
-  GPU alone), and round time / bound;
-- FedMe/FedAvg, the server's clustering share of the round, peak memory (process tree; GPU).
+  per client times the clients that fit on the cores, the pool pass one model per core or all
+  cores on each model, whichever is faster; on a GPU, the GPU alone), and round time / bound;
+- FedMe/FedAvg, the server's clustering share of the round, peak memory (process tree; growth
+  of the machine's used memory, which holds a loopback Ray cluster's nodes; GPU).
+
+``--cluster-pool-size N`` clusters on N pool samples (``fedme.cluster-pool-size``);
+``--fraction-train F`` lets F of the clients train each round (every client is evaluated); with
+``RAY_ADDRESS`` set, the runs join that Ray cluster (docs/ray-cluster.md).
 
 ``--engine in-process`` runs the same server and client handlers without Flower, one client at
 a time (the GPU check: Ray is not available there). Results go to ``--out`` (JSON).
@@ -37,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -102,13 +108,15 @@ def write_images(folder: Path, workload: Workload, clients: int, pool: int) -> P
 
 
 def image_settings(workload: Workload, method: str, clients: int, pool: int, data: Path,
-                   rounds: int, device: str) -> dict[str, Any]:
+                   rounds: int, device: str, cluster_pool: int = 0,
+                   fraction_train: float = 1.0) -> dict[str, Any]:
     return {"method": method, "dataset": "npz", "data-path": str(data), "partitioner": "iid",
             "num-clients": clients, "unlabeled-size": pool, "model": workload.model,
             "fedme.candidate-models": workload.candidates, "fedme.init-arch": workload.model,
             "num-rounds": rounds, "local-epochs": EPOCHS, "batch-size": BATCH,
             "fedme.cluster-schedule": SCHEDULE, "finetune-epochs": 0, "eval-every": 1, "seed": 0,
-            "min-client-samples": 5, "device": device, "results-dir": str(OUT / "runs")}
+            "min-client-samples": 5, "device": device, "results-dir": str(OUT / "runs"),
+            "fedme.cluster-pool-size": cluster_pool, "fraction-train": fraction_train}
 
 
 # ------------------------------------------------------------------------ FLOPs and rates
@@ -222,6 +230,22 @@ def partition_counts(folder: Path) -> Counts:
                   len(partition["unlabeled"]))
 
 
+def participating(counts: Counts, fraction_train: float) -> Counts:
+    """The counts of a round in which ``fraction-train`` of the clients train and validate
+    (every client is still evaluated, and FedMe still runs every model on the pool)."""
+    return replace(counts, train=round(fraction_train * counts.train),
+                   val=round(fraction_train * counts.val))
+
+
+def clustered(counts: Counts, cluster_pool_size: int) -> Counts:
+    """The counts with the pool the server runs each model on (fedme.cluster-pool-size)."""
+    return replace(counts, pool=clustered_pool(counts.pool, cluster_pool_size))
+
+
+def clustered_pool(pool: int, cluster_pool_size: int) -> int:
+    return min(pool, cluster_pool_size) if cluster_pool_size else pool
+
+
 def round_bound(method: str, counts: Counts, costs: Costs, rates: Rates, workers: int,
                 pool_inference: bool) -> dict[str, float]:
     """Seconds of pure compute per round, by part, at this machine's measured FLOP rates.
@@ -247,10 +271,13 @@ def round_bound(method: str, counts: Counts, costs: Costs, rates: Rates, workers
 
 
 class PeakMemory:
-    """Samples the RSS of this process tree every 0.2 s."""
+    """Samples the RSS of this process tree every 0.2 s, and the machine's used memory: on a
+    Ray cluster (``RAY_ADDRESS``) the client actors are not this process's children, so on a
+    loopback cluster the growth of the machine's used memory is the figure that holds them."""
 
     def __enter__(self) -> PeakMemory:
         self.peak, self._stop = 0, threading.Event()
+        self.machine_start = self.machine_peak = psutil.virtual_memory().used
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -265,6 +292,11 @@ class PeakMemory:
                 except psutil.Error:
                     continue
             self.peak = max(self.peak, total)
+            self.machine_peak = max(self.machine_peak, psutil.virtual_memory().used)
+
+    @property
+    def machine_growth(self) -> int:
+        return self.machine_peak - self.machine_start
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -284,6 +316,8 @@ def breakdown(rows: Iterable[Mapping[str, Any]], parallel: int) -> dict[str, flo
     mean["client-train-wall-s"] = mean["client-train-s"] / parallel
     known = sum(mean[k] for k in PARTS[2:]) + mean["client-train-wall-s"]
     mean["flower-and-evaluation-s"] = max(0.0, mean["round-s"] - known)
+    # of which the evaluate phase (its messages and the clients' testing): engine's evaluate-s
+    mean["evaluate-s"] = statistics.fmean(r.get("evaluate-s", 0.0) for r in rows)
     return mean
 
 
@@ -307,13 +341,13 @@ def own_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
             if method_uses(str(settings["method"]), key)}
 
 
-def execute(settings: Mapping[str, Any], engine: str) -> tuple[Path, float, float]:
-    """One run: results folder, wall seconds, peak memory (GB) of the process tree."""
+def execute(settings: Mapping[str, Any], engine: str) -> tuple[Path, float, PeakMemory]:
+    """One run: results folder, wall seconds, its memory."""
     settings = own_keys(settings)
     started = time.perf_counter()
     with PeakMemory() as memory:
         folder = simulate(settings) if engine == "flower" else run_in_process(settings)
-    return folder, time.perf_counter() - started, memory.peak / 1e9
+    return folder, time.perf_counter() - started, memory
 
 
 def machine_workers(device: torch.device, clients: int) -> int:
@@ -329,23 +363,27 @@ def workers_of(device: torch.device, engine: str, clients: int) -> int:
 def image_run(workload: Workload, method: str, clients: int, pool: int, data: Path,
               args: argparse.Namespace, measured: tuple[Costs, Rates]) -> dict[str, Any]:
     device = training.resolve_device(args.device)
-    settings = image_settings(workload, method, clients, pool, data, args.rounds, args.device)
+    settings = image_settings(workload, method, clients, pool, data, args.rounds, args.device,
+                              args.cluster_pool_size, args.fraction_train)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    folder, wall, peak = execute(settings, args.engine)
+    folder, wall, memory = execute(settings, args.engine)
     rows = read_rounds(folder)
     parallel = workers_of(device, args.engine, clients)
     phases = by_phase(rows, parallel)
-    counts = partition_counts(folder)
+    counts = participating(clustered(partition_counts(folder), args.cluster_pool_size),
+                           args.fraction_train)
     costs, rates = measured
     bound_workers = machine_workers(device, clients)
     bounds = {"k1": round_bound(method, counts, costs, rates, bound_workers, False),
               "k2": round_bound(method, counts, costs, rates, bound_workers, True)}
     return {
         "workload": workload.key, "method": method, "clients": clients, "pool": pool,
+        "clustered-on": counts.pool if method == "fedme" else 0,
         "engine": args.engine, "device": str(device), "folder": str(folder),
         "wall-s": wall, "fixed-s": wall - sum(r["round-s"] for r in rows),
-        "peak-memory-gb": peak,
+        "peak-memory-gb": memory.peak / 1e9,
+        "machine-memory-growth-gb": memory.machine_growth / 1e9,
         "gpu-peak-memory-gb": (torch.cuda.max_memory_allocated() / 1e9
                                if device.type == "cuda" else None),
         "counts": asdict(counts), "phases": phases, "bound": bounds,
@@ -375,7 +413,8 @@ def images_suite(args: argparse.Namespace) -> dict[str, Any]:
         for key in args.shapes:
             workload = WORKLOADS[key]
             for pool in args.pools:
-                measured = measure(workload, pool, device)
+                measured = measure(workload, clustered_pool(pool, args.cluster_pool_size),
+                                   device)
                 report["rates"][f"{key}-U{pool}"] = {"costs": asdict(measured[0]),
                                                      "rates": asdict(measured[1])}
                 for clients in args.clients:
@@ -423,17 +462,25 @@ def print_images(report: dict[str, Any]) -> None:
             if not b:
                 continue
             bound = run["bound"][phase]
-            rows.append((f"{run['workload']} {run['method']}", run["clients"], run["pool"],
+            rows.append((f"{run['workload']} {run['method']}", run["clients"], pool_label(run),
                          k_label(run["method"], phase), f"{b['round-s']:.2f}",
                          f"{b['client-train-wall-s']:.2f}", f"{b['server-outputs-s']:.3f}",
                          f"{b['server-kmeans-s']:.3f}", f"{b['server-messages-s']:.3f}",
                          f"{b['server-aggregate-s']:.3f}", f"{b['flower-and-evaluation-s']:.2f}",
+                         f"{b.get('evaluate-s', 0.0):.2f}",
                          f"{bound['gflop']:.0f}", f"{bound['total']:.2f}",
                          f"{b['round-s'] / bound['total']:.2f}"))
     print(table(rows, ("run", "clients", "U", "K", "round s", "client train s",
                        "U inference s", "k-means s", "packing s", "aggregation s", "rest s",
+                       "of which evaluate s",
                        "GFLOP", "bound s", "round / bound")))
     print_summary(report)
+
+
+def pool_label(run: Mapping[str, Any]) -> str:
+    """U, and in brackets the samples FedMe clustered on when fedme.cluster-pool-size took fewer."""
+    clustered_on = run.get("clustered-on") or run["pool"]
+    return str(run["pool"]) if clustered_on == run["pool"] else f"{run['pool']} ({clustered_on})"
 
 
 def k_label(method: str, phase: str) -> str:
@@ -452,14 +499,17 @@ def print_summary(report: dict[str, Any]) -> None:
         baseline = fedavg.get((run["workload"], run["clients"]))
         versus = f"{s['round-s'] / baseline:.2f}" if baseline and run["method"] == "fedme" else "–"
         gpu = run["gpu-peak-memory-gb"]
-        rows.append((f"{run['workload']} {run['method']}", run["clients"], run["pool"],
+        rows.append((f"{run['workload']} {run['method']}", run["clients"], pool_label(run),
                      f"{s['round-s']:.2f}", f"{s['bound-s']:.2f}", f"{s['ratio']:.2f}", versus,
                      f"{100 * s['clustering-share']:.1f} %", f"{run['peak-memory-gb']:.2f}",
+                     f"{run['machine-memory-growth-gb']:.2f}",
                      f"{gpu:.2f}" if gpu is not None else "–", f"{run['fixed-s']:.1f}",
                      f"{run['load-average-after']:.1f}"))
-    print("\nrun averages (paper's schedule: K = 1 in half the rounds):")
+    print("\nrun averages (paper's schedule: K = 1 in half the rounds; peak GB: this process "
+          "tree; machine GB +: growth of the machine's used memory, Ray cluster nodes included):")
     print(table(rows, ("run", "clients", "U", "round s", "bound s", "round / bound",
-                       "FedMe / FedAvg", "clustering share", "peak GB", "GPU peak GB",
+                       "FedMe / FedAvg", "clustering share", "peak GB", "machine GB +",
+                       "GPU peak GB",
                        "fixed s", "load after")))
     print("goals (28x28, 20 clients, idle machine): FedMe round <= 5.0 s and <= 1.25x the "
           "bound, FedMe/FedAvg <= 2.2, clustering <= 10 % of the round, 100 clients < 8 GB")
@@ -474,11 +524,11 @@ DIGITS = {"num-rounds": 5, "local-epochs": 2, "fedme.init-arch": "random",
 
 
 def digits_run(settings: Mapping[str, Any], engine: str = "flower") -> dict[str, Any]:
-    folder, wall, peak = execute(settings, engine)
+    folder, wall, memory = execute(settings, engine)
     rows = read_rounds(folder)
     parallel = workers_of(torch.device("cpu"), engine, int(settings["num-clients"]))
     return {"settings": dict(settings), "wall-s": wall,
-            "fixed-s": wall - sum(r["round-s"] for r in rows), "peak-memory-gb": peak,
+            "fixed-s": wall - sum(r["round-s"] for r in rows), "peak-memory-gb": memory.peak / 1e9,
             "breakdown": breakdown(rows[1:] or rows, parallel)}
 
 
@@ -535,6 +585,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=("fedme", "fedavg"),
                         default=["fedme", "fedavg"])
     parser.add_argument("--rounds", type=int, default=5, help="K = 1 in rounds 1-2, then K = 2")
+    parser.add_argument("--fraction-train", type=float, default=1.0,
+                        help="share of the clients that train each round (all are evaluated)")
+    parser.add_argument("--cluster-pool-size", type=int, default=0,
+                        help="fedme.cluster-pool-size: cluster on this many pool samples (0: all)")
     parser.add_argument("--engine", choices=("flower", "in-process"), default="flower")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", type=Path, help="JSON report (default benchmarks/results/)")

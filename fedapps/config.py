@@ -142,6 +142,8 @@ class RunConfig(BaseModel):
     cluster_on: Literal["softmax", "logits"] = option("softmax", "model outputs k-means uses",
                                                       "fedme", "cluster-on")
     kmeans_restarts: int = option(10, "k-means++ restarts", "fedme", "kmeans-restarts", ge=1)
+    cluster_pool_size: int = option(0, "pool samples the models are clustered on, drawn once "
+                                    "(0: the whole pool)", "fedme", "cluster-pool-size", ge=0)
     aggregation_weighting: Literal["uniform", "samples"] = option(
         "uniform", "weights of eq. 8 averaging", "fedme", "aggregation-weighting")
 

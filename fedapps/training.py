@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -202,9 +203,9 @@ def available_cores() -> int:
 def torch_threads(count: int) -> Iterator[None]:
     """Run the block with ``count`` torch threads, then restore the caller's setting.
 
-    The setting is per OS thread, and whoever ran before may have lowered it: client handlers
-    set one thread (``fedapps.client``), so in-process runs leave the server on one core, and
-    Ray's cluster launcher exports OMP_NUM_THREADS=1 to the commands it runs on nodes.
+    Whoever ran before may have lowered it: client handlers set one thread
+    (``fedapps.client``), so in-process runs leave the server on one core, and Ray's cluster
+    launcher exports OMP_NUM_THREADS=1 to the commands it runs on nodes.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, count))
@@ -220,10 +221,19 @@ def predict_all(
     """Every model's logits on ``x``, on all cores: the server's pool inference.
 
     The clients are idle while the server runs the models on its unlabeled pool, so the pass
-    may take the whole machine (on a GPU the thread count only affects host-side work).
+    may take the whole machine. On a CPU the models run side by side, one per core with one
+    torch thread each, because a small CNN on a few hundred images scales badly across threads
+    (benchmarks/round_time.py measures both: rates "pool" per core and "pool_all_cores"). On a
+    GPU the models run one after another; the thread count only affects host-side work there.
     """
-    with torch_threads(available_cores()):
-        return [predict(model, x, device) for model in models]
+    cores = available_cores()
+    workers = max(1, min(cores, len(models))) if device.type == "cpu" else 1
+    # torch's thread count is one setting for the process: set it here, not in the workers
+    with torch_threads(cores // workers):
+        if workers == 1:
+            return [predict(model, x, device) for model in models]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda model: predict(model, x, device), models))
 
 
 @torch.inference_mode()

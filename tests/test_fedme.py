@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedapps import training
 from fedapps.config import RunConfig
 from fedapps.data.federated import client_data
 from fedapps.methods.fedme.client import train_mutual
@@ -14,6 +15,7 @@ from fedapps.methods.fedme.strategy import (
     FedMe,
     aggregate_models,
     assign_exchange,
+    cluster_inputs,
     cluster_models,
 )
 from fedapps.protocol.messages import config_record, new_model, to_arrays
@@ -42,6 +44,34 @@ def test_identical_models_cap_k_and_say_so():
 def test_k_one_is_a_single_cluster():
     result = cluster_models(np.random.default_rng(0).normal(size=(5, 3)), k=1, seed=0)
     assert set(result.labels) == {0} and result.used_k == 1
+
+
+def test_cluster_inputs_are_the_whole_pool_unless_a_smaller_sample_is_asked():
+    pool = torch.arange(40.0).reshape(20, 2)
+    assert cluster_inputs(pool, 0, seed=1) is pool
+    assert cluster_inputs(pool, 20, seed=1) is pool and cluster_inputs(pool, 50, seed=1) is pool
+    sample = cluster_inputs(pool, 5, seed=1)
+    rows = {tuple(row.tolist()) for row in sample}
+    assert sample.shape == (5, 2) and len(rows) == 5
+    assert rows <= {tuple(row.tolist()) for row in pool}
+    assert torch.equal(cluster_inputs(pool, 5, seed=1), sample)  # drawn from the seed alone
+    assert not torch.equal(cluster_inputs(pool, 5, seed=2), sample)
+
+
+def test_strategy_runs_the_models_on_the_sample_only(monkeypatch):
+    as_server_task()
+    config = RunConfig(num_clients=4, cluster_schedule="1:2", cluster_pool_size=6)
+    strategy = FedMe(config, {pid: 100 + pid for pid in range(4)},
+                     dict.fromkeys(range(4), "cnn1"), torch.rand(20, 1, 8, 8))
+    seen = []
+
+    def predict_all(models, x, device):
+        seen.append(len(x))
+        return [torch.randn(len(x), 10) for _ in models]
+
+    monkeypatch.setattr(training, "predict_all", predict_all)
+    list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
+    assert seen == [6] and strategy.round_info["k"] == 2
 
 
 def test_exchange_stays_in_cluster_and_never_self():

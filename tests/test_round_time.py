@@ -106,6 +106,14 @@ def test_partition_counts_read_the_runs_partition_file(tmp_path):
     assert rt.partition_counts(tmp_path) == rt.Counts(2, 5, 2, 3, 3)
 
 
+def test_partial_rounds_train_a_fraction_and_sampled_pools_shrink_the_pool_pass():
+    counts = rt.participating(rt.clustered(COUNTS, 20), 0.5)
+    assert counts == rt.Counts(clients=2, train=50, val=5, test=20, pool=20)
+    assert rt.clustered(COUNTS, 0) == COUNTS and rt.clustered(COUNTS, 80) == COUNTS
+    bound = rt.round_bound("fedme", counts, COSTS, RATES, workers=2, pool_inference=True)
+    assert bound["pool"] == 2 * 20 / 10.0 and bound["evaluation"] == 20 / 2
+
+
 def test_quick_mode_is_one_small_workload():
     args = rt.parse(["--quick"])
     assert (args.shapes, args.clients, args.pools, args.rounds) == (["28"], [20], [500], 3)
@@ -115,6 +123,7 @@ def test_quick_mode_is_one_small_workload():
 def test_every_suite_run_has_a_valid_config(method, tmp_path):
     """One settings dict per workload serves both methods; each run keeps only its own keys."""
     data = rt.write_images(tmp_path, rt.WORKLOADS["28"], clients=4, pool=50)
-    for settings in (rt.image_settings(rt.WORKLOADS["28"], method, 4, 50, data, 2, "cpu"),
+    for settings in (rt.image_settings(rt.WORKLOADS["28"], method, 4, 50, data, 2, "cpu",
+                                       cluster_pool=20, fraction_train=0.5),
                      {**rt.DIGITS, "method": method, "num-clients": 4}):
         RunConfig.from_mapping({**app_defaults(), **rt.own_keys(settings)})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -44,12 +46,28 @@ def test_torch_threads_restores_after_an_error(one_thread):
     assert torch.get_num_threads() == 1
 
 
-def test_predict_all_uses_every_available_core(one_thread, monkeypatch):
+def test_predict_all_gives_one_model_every_core(one_thread, monkeypatch):
     monkeypatch.setattr(training, "available_cores", lambda: 3)
-    spies = [ThreadSpy(), ThreadSpy()]
-    training.predict_all(spies, torch.randn(10, 4), torch.device("cpu"))
-    assert [spy.seen for spy in spies] == [[3], [3]]
+    spy = ThreadSpy()
+    training.predict_all([spy], torch.randn(10, 4), torch.device("cpu"))
+    assert spy.seen == [3]
     assert torch.get_num_threads() == 1
+
+
+def test_predict_all_runs_models_side_by_side_one_thread_each(monkeypatch):
+    monkeypatch.setattr(training, "available_cores", lambda: 2)
+    together = threading.Barrier(2, timeout=10)  # broken unless two passes run at once
+
+    class Together(ThreadSpy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            together.wait()
+            return super().forward(x)
+
+    spies = [Together() for _ in range(4)]
+    previous = torch.get_num_threads()
+    training.predict_all(spies, torch.randn(10, 4), torch.device("cpu"))
+    assert [spy.seen for spy in spies] == [[1]] * 4
+    assert torch.get_num_threads() == previous
 
 
 def test_predict_all_outputs_equal_one_model_at_a_time(one_thread, monkeypatch):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,7 @@ def run_rounds(
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
+        evaluate_started = time.perf_counter()
         messages = list(strategy.configure_evaluate(server_round, arrays,
                                                     evaluate_config or ConfigRecord(), grid))
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
@@ -195,7 +197,8 @@ def run_rounds(
                                  config.round_timeout)
         log_errors(f"{phase} evaluation", replies, strategy.node_of)
         strategy.aggregate_evaluate(server_round, replies)
-        record = strategy.round_record()
+        record = {**strategy.round_record(),
+                  "evaluate-s": round(time.perf_counter() - evaluate_started, 4)}
         recorder.log_round(server_round, **record, **({"no-reply": silent} if silent else {}))
         every = config.checkpoint_every
         if every and (server_round % every == 0 or server_round == config.num_rounds):

@@ -83,6 +83,17 @@ def assign_exchange(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return partners
 
 
+def cluster_inputs(pool: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """The pool samples the models are clustered on: all of them (``size`` 0 or at least the
+    pool), else ``size`` drawn once with the run's seed, so every round compares the models on
+    the same inputs. Pool inference is most of the server's work in a K >= 2 round and grows
+    with the samples; ``benchmarks/cluster_sample.py`` measures how much the clusters change."""
+    if size == 0 or size >= len(pool):
+        return pool
+    chosen = np.random.default_rng([seed, 11]).choice(len(pool), size, replace=False)
+    return pool[np.sort(chosen)]
+
+
 def model_features(outputs: torch.Tensor, on: str) -> np.ndarray:
     """Flatten a model's outputs on U into one vector (softmax by default)."""
     values = outputs.softmax(dim=1) if on == "softmax" else outputs
@@ -159,7 +170,7 @@ class FedMe(ResumableStrategy):
     ) -> None:
         self.config = config
         self.node_of = dict(clients)
-        self.unlabeled = unlabeled
+        self.unlabeled = cluster_inputs(unlabeled, config.cluster_pool_size, config.seed)
         self.device = training.resolve_device(config.device)
         self.rng = np.random.default_rng(config.seed)
         self.models: dict[int, ClientModel] = {}
