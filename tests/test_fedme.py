@@ -74,6 +74,26 @@ def test_strategy_runs_the_models_on_the_sample_only(monkeypatch):
     assert seen == [6] and strategy.round_info["k"] == 2
 
 
+def test_only_the_rounds_participants_are_clustered_and_paired(monkeypatch):
+    as_server_task()
+    config = RunConfig(num_clients=10, cluster_schedule="1:2", fraction_train=0.3)
+    strategy = FedMe(config, {pid: 100 + pid for pid in range(10)},
+                     dict.fromkeys(range(10), "cnn1"), torch.rand(20, 1, 8, 8))
+    clustered = []
+
+    def predict_all(models, x, device):
+        clustered.append(len(models))
+        return [torch.randn(len(x), 10) for _ in models]
+
+    monkeypatch.setattr(training, "predict_all", predict_all)
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
+    participants = sorted(m.metadata.dst_node_id - 100 for m in messages)
+    assert clustered == [3] and len(participants) == 3
+    assert sorted(int(p) for p in strategy.round_info["clusters"]) == participants
+    assert set(strategy.partner) == set(participants)
+    assert set(strategy.partner.values()) <= set(participants)
+
+
 def test_exchange_stays_in_cluster_and_never_self():
     labels = np.array([0, 0, 0, 1, 1, 2])
     rng = np.random.default_rng(0)
