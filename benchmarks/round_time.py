@@ -231,9 +231,12 @@ def partition_counts(folder: Path) -> Counts:
 
 
 def participating(counts: Counts, fraction_train: float) -> Counts:
-    """The counts of a round in which ``fraction-train`` of the clients train and validate
-    (every client is still evaluated, and FedMe still runs every model on the pool)."""
-    return replace(counts, train=round(fraction_train * counts.train),
+    """The counts of a round in which ``fraction-train`` of the clients take part: they train,
+    validate and have their models clustered (``clients``); every client is still tested."""
+    if fraction_train >= 1:
+        return counts
+    return replace(counts, clients=max(2, round(fraction_train * counts.clients)),
+                   train=round(fraction_train * counts.train),
                    val=round(fraction_train * counts.val))
 
 

@@ -58,37 +58,33 @@ def test_cluster_inputs_are_the_whole_pool_unless_a_smaller_sample_is_asked():
     assert not torch.equal(cluster_inputs(pool, 5, seed=2), sample)
 
 
-def test_strategy_runs_the_models_on_the_sample_only(monkeypatch):
+def recording_pool_passes(monkeypatch, num_clients: int, **settings):
+    """A FedMe strategy whose pool passes are recorded as (models, inputs) instead of run."""
     as_server_task()
-    config = RunConfig(num_clients=4, cluster_schedule="1:2", cluster_pool_size=6)
-    strategy = FedMe(config, {pid: 100 + pid for pid in range(4)},
-                     dict.fromkeys(range(4), "cnn1"), torch.rand(20, 1, 8, 8))
-    seen = []
+    config = RunConfig(num_clients=num_clients, cluster_schedule="1:2", **settings)
+    strategy = FedMe(config, {pid: 100 + pid for pid in range(num_clients)},
+                     dict.fromkeys(range(num_clients), "cnn1"), torch.rand(20, 1, 8, 8))
+    passes = []
 
     def predict_all(models, x, device):
-        seen.append(len(x))
+        passes.append((len(models), len(x)))
         return [torch.randn(len(x), 10) for _ in models]
 
     monkeypatch.setattr(training, "predict_all", predict_all)
+    return strategy, passes
+
+
+def test_strategy_runs_the_models_on_the_sample_only(monkeypatch):
+    strategy, passes = recording_pool_passes(monkeypatch, 4, cluster_pool_size=6)
     list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
-    assert seen == [6] and strategy.round_info["k"] == 2
+    assert passes == [(4, 6)] and strategy.round_info["k"] == 2
 
 
 def test_only_the_rounds_participants_are_clustered_and_paired(monkeypatch):
-    as_server_task()
-    config = RunConfig(num_clients=10, cluster_schedule="1:2", fraction_train=0.3)
-    strategy = FedMe(config, {pid: 100 + pid for pid in range(10)},
-                     dict.fromkeys(range(10), "cnn1"), torch.rand(20, 1, 8, 8))
-    clustered = []
-
-    def predict_all(models, x, device):
-        clustered.append(len(models))
-        return [torch.randn(len(x), 10) for _ in models]
-
-    monkeypatch.setattr(training, "predict_all", predict_all)
+    strategy, passes = recording_pool_passes(monkeypatch, 10, fraction_train=0.3)
     messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
     participants = sorted(m.metadata.dst_node_id - 100 for m in messages)
-    assert clustered == [3] and len(participants) == 3
+    assert passes == [(3, 20)] and len(participants) == 3
     assert sorted(int(p) for p in strategy.round_info["clusters"]) == participants
     assert set(strategy.partner) == set(participants)
     assert set(strategy.partner.values()) <= set(participants)

@@ -107,11 +107,13 @@ def test_partition_counts_read_the_runs_partition_file(tmp_path):
 
 
 def test_partial_rounds_train_a_fraction_and_sampled_pools_shrink_the_pool_pass():
-    counts = rt.participating(rt.clustered(COUNTS, 20), 0.5)
-    assert counts == rt.Counts(clients=2, train=50, val=5, test=20, pool=20)
-    assert rt.clustered(COUNTS, 0) == COUNTS and rt.clustered(COUNTS, 80) == COUNTS
+    many = rt.Counts(clients=10, train=100, val=10, test=20, pool=50)
+    counts = rt.participating(rt.clustered(many, 20), 0.5)
+    assert counts == rt.Counts(clients=5, train=50, val=5, test=20, pool=20)
+    assert rt.clustered(many, 0) == many and rt.clustered(many, 80) == many
+    assert rt.participating(many, 1.0) == many
     bound = rt.round_bound("fedme", counts, COSTS, RATES, workers=2, pool_inference=True)
-    assert bound["pool"] == 2 * 20 / 10.0 and bound["evaluation"] == 20 / 2
+    assert bound["pool"] == 5 * 20 / 10.0 and bound["evaluation"] == 20 / 2
 
 
 def test_quick_mode_is_one_small_workload():
