@@ -60,9 +60,9 @@ def compare_run(job: tuple[int, list[int], dict[str, Any]]) -> list[dict[str, An
             if k == 1:
                 return used
             models = [self.models[p].model for p in pids]
-            inputs = {size: strategy.cluster_inputs(self.unlabeled, size, self.config.seed)
+            inputs = {size: strategy.cluster_inputs(self.cluster_pool, size, self.config.seed)
                       for size in sizes}
-            inputs[NOISE_FLOOR] = self.unlabeled
+            inputs[NOISE_FLOOR] = self.cluster_pool  # the whole pool: the run sets size 0
             for label, pool in inputs.items():
                 started = time.perf_counter()
                 outputs = training.predict_all(models, pool, self.device)

@@ -170,7 +170,7 @@ class FedMe(ResumableStrategy):
     ) -> None:
         self.config = config
         self.node_of = dict(clients)
-        self.unlabeled = cluster_inputs(unlabeled, config.cluster_pool_size, config.seed)
+        self.cluster_pool = cluster_inputs(unlabeled, config.cluster_pool_size, config.seed)
         self.device = training.resolve_device(config.device)
         self.rng = np.random.default_rng(config.seed)
         self.models: dict[int, ClientModel] = {}
@@ -226,7 +226,7 @@ class FedMe(ResumableStrategy):
         if k == 1:
             return Clustering(np.zeros(len(pids), dtype=int), 1, 1)
         started = time.perf_counter()
-        outputs = training.predict_all([self.models[p].model for p in pids], self.unlabeled,
+        outputs = training.predict_all([self.models[p].model for p in pids], self.cluster_pool,
                                        self.device)
         features = np.stack([model_features(o, self.config.cluster_on) for o in outputs])
         inference_s = time.perf_counter() - started
