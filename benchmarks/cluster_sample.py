@@ -1,10 +1,13 @@
 """Do FedMe's clusters change when the server clusters on a sample of its pool? (issue 14)
 
-    .venv/bin/python benchmarks/cluster_sample.py                  # digits28, 3 seeds, ~10 min
+    .venv/bin/python benchmarks/cluster_sample.py                  # digits28, 3 seeds, ~6 min
     .venv/bin/python benchmarks/cluster_sample.py --sizes 50 100 --seeds 0
 
-Runs FedMe (the real strategy and client handlers, in-process, one run per core) on the whole
-pool U. In every round with K >= 2 the same models are also clustered on seeded samples of U
+Runs FedMe (the real strategy and client handlers, in-process, ``--jobs`` runs at once) on the
+whole pool U. The inference seconds it prints are with those runs sharing the cores (each pool
+pass takes every core), so they compare sample sizes with each other, not with a real round.
+
+In every round with K >= 2 the same models are also clustered on seeded samples of U
 (``fedme.cluster-pool-size``, :func:`cluster_inputs`) and, as the noise floor, on the whole pool
 with another k-means seed. Each clustering is compared with the one the run used by the adjusted
 Rand index (1: the same partition of the models; 0: chance). The run itself is unchanged: the

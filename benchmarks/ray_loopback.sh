@@ -15,14 +15,20 @@ T=$(mktemp -d /tmp/fedapps-ray-XXXX)
 PORT=$(.venv/bin/python -c 'from fedapps.launch import free_port; print(free_port())')
 setsid $RAY start --head --port "$PORT" --num-cpus 0 --temp-dir "$T" --include-dashboard false \
   --disable-usage-stats --block > "$T/head.log" 2>&1 & HEAD=$!
-# --block: each `ray start` keeps its node's processes in its process group, killed at the end
-trap 'kill -TERM -- -$HEAD ${WORKER:+-$WORKER} 2>/dev/null || true' EXIT
+# --block: each `ray start` keeps its node's processes in its process group, killed at the end;
+# waiting for them keeps a chained next run from overlapping the shutdown
+trap 'kill -TERM -- -$HEAD ${WORKER:+-$WORKER} 2>/dev/null; wait 2>/dev/null || true' EXIT
 for _ in $(seq 60); do $RAY status --address "127.0.0.1:$PORT" > /dev/null 2>&1 && break; sleep 1; done
 setsid $RAY start --address "127.0.0.1:$PORT" --num-cpus "$CPUS" --temp-dir "$T" \
   --disable-usage-stats --block > "$T/worker.log" 2>&1 & WORKER=$!
+joined=""
 for _ in $(seq 60); do
-  $RAY status --address "127.0.0.1:$PORT" 2>/dev/null | grep -q "0.0/$CPUS.0 CPU" && break; sleep 1
+  if $RAY status --address "127.0.0.1:$PORT" 2>/dev/null | grep -q "0.0/$CPUS.0 CPU"; then
+    joined=yes; break
+  fi
+  sleep 1
 done
+[ -n "$joined" ] || { echo "error: the worker node did not join within 60 s; see $T/*.log" >&2; exit 1; }
 $RAY status --address "127.0.0.1:$PORT" | grep -E "node_|CPU" || true
 echo "ray cluster 127.0.0.1:$PORT (logs in $T); running: $*"
 RAY_ADDRESS="127.0.0.1:$PORT" "$@"

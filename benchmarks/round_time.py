@@ -372,12 +372,12 @@ def image_run(workload: Workload, method: str, clients: int, pool: int, data: Pa
         torch.cuda.reset_peak_memory_stats()
     folder, wall, memory = execute(settings, args.engine)
     rows = read_rounds(folder)
-    parallel = workers_of(device, args.engine, clients)
-    phases = by_phase(rows, parallel)
     counts = participating(clustered(partition_counts(folder), args.cluster_pool_size),
                            args.fraction_train)
+    # a round runs at most its participants at once (counts.clients)
+    phases = by_phase(rows, workers_of(device, args.engine, counts.clients))
     costs, rates = measured
-    bound_workers = machine_workers(device, clients)
+    bound_workers = machine_workers(device, counts.clients)
     bounds = {"k1": round_bound(method, counts, costs, rates, bound_workers, False),
               "k2": round_bound(method, counts, costs, rates, bound_workers, True)}
     return {

@@ -222,13 +222,15 @@ def predict_all(
 
     The clients are idle while the server runs the models on its unlabeled pool, so the pass
     may take the whole machine. On a CPU the models run side by side, one per core with one
-    torch thread each, because a small CNN on a few hundred images scales badly across threads
-    (benchmarks/round_time.py measures both: rates "pool" per core and "pool_all_cores"). On a
-    GPU the models run one after another; the thread count only affects host-side work there.
+    torch thread each, because a small CNN on a few hundred images can scale badly across
+    threads (benchmarks/round_time.py measures both: rates "pool" per core and
+    "pool_all_cores"); the price is up to one forward pass per core in memory at once. On a GPU
+    the models run one after another; the thread count only affects host-side work there.
     """
     cores = available_cores()
     workers = max(1, min(cores, len(models))) if device.type == "cpu" else 1
-    # torch's thread count is one setting for the process: set it here, not in the workers
+    # Set in this thread before the pool's threads start (fresh threads every call): a thread
+    # takes the process's setting when it first uses torch, and then keeps its own.
     with torch_threads(cores // workers):
         if workers == 1:
             return [predict(model, x, device) for model in models]

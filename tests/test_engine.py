@@ -5,6 +5,7 @@ the whole matrix takes seconds per method. ``local`` and ``centralized`` have no
 """
 
 import json
+import time
 
 import pytest
 
@@ -42,6 +43,20 @@ def test_a_nan_reply_is_rejected_and_an_error_leaves_the_round_to_the_rest(metho
     assert "fault-injection: client 2 fails in round 2" in rows[1]["rejected"]["2"]
     assert [row["replies"] for row in rows] == [3, 3, 4]
     assert not any("skipped" in row for row in rows)
+
+
+def test_each_round_logs_its_evaluate_phase_as_part_of_the_round(tmp_path, monkeypatch):
+    from fedapps.protocol import engine
+
+    original = engine.log_errors
+
+    def slow_evaluation_phase(*args, **kwargs):  # runs inside the evaluate phase only
+        time.sleep(0.2)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "log_errors", slow_evaluation_phase)
+    rows = read_rounds(run_in_process(settings("fedavg", tmp_path)))
+    assert all(0.2 <= row["evaluate-s"] <= row["round-s"] for row in rows)
 
 
 @pytest.mark.parametrize("method", list(SECTIONS))

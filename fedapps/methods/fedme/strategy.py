@@ -1,8 +1,9 @@
 """FedMe (federated learning by model exchange) as a Flower Strategy.
 
-Per round (the paper's Algorithm 1): run every personalized model on the server's unlabeled pool
-U, cluster the models by those outputs with k-means (K_t from a schedule), give each client a
-random other model of its cluster, let clients train both by deep mutual learning and decide
+Per round (the paper's Algorithm 1): run the round's participants' personalized models on the
+server's unlabeled pool U (or a seeded sample of it, ``fedme.cluster-pool-size``), cluster the
+models by those outputs with k-means (K_t from a schedule), give each client a random other
+model of its cluster, let clients train both by deep mutual learning and decide
 whether to adopt the exchange model, then average every model with its trained copies (eq. 8).
 
 Differences from the authors' reference code, on purpose: k-means never collapses to one
