@@ -56,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedapps import training
 from fedapps.config import exit_on_bad_input, method_uses
 from fedapps.inprocess import run_in_process
+from fedapps.methods.fedme.strategy import clustered_count
 from fedapps.models import build_model
 from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
@@ -242,11 +243,7 @@ def participating(counts: Counts, fraction_train: float) -> Counts:
 
 def clustered(counts: Counts, cluster_pool_size: int) -> Counts:
     """The counts with the pool the server runs each model on (fedme.cluster-pool-size)."""
-    return replace(counts, pool=clustered_pool(counts.pool, cluster_pool_size))
-
-
-def clustered_pool(pool: int, cluster_pool_size: int) -> int:
-    return min(pool, cluster_pool_size) if cluster_pool_size else pool
+    return replace(counts, pool=clustered_count(counts.pool, cluster_pool_size))
 
 
 def round_bound(method: str, counts: Counts, costs: Costs, rates: Rates, workers: int,
@@ -416,7 +413,7 @@ def images_suite(args: argparse.Namespace) -> dict[str, Any]:
         for key in args.shapes:
             workload = WORKLOADS[key]
             for pool in args.pools:
-                measured = measure(workload, clustered_pool(pool, args.cluster_pool_size),
+                measured = measure(workload, clustered_count(pool, args.cluster_pool_size),
                                    device)
                 report["rates"][f"{key}-U{pool}"] = {"costs": asdict(measured[0]),
                                                      "rates": asdict(measured[1])}

@@ -84,14 +84,20 @@ def assign_exchange(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return partners
 
 
+def clustered_count(pool_size: int, size: int) -> int:
+    """How many pool samples the models are clustered on (``fedme.cluster-pool-size``; 0: all)."""
+    return pool_size if size == 0 else min(size, pool_size)
+
+
 def cluster_inputs(pool: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     """The pool samples the models are clustered on: all of them (``size`` 0 or at least the
     pool), else ``size`` drawn once with the run's seed, so every round compares the models on
     the same inputs. Pool inference is most of the server's work in a K >= 2 round and grows
     with the samples; ``benchmarks/cluster_sample.py`` measures how much the clusters change."""
-    if size == 0 or size >= len(pool):
+    count = clustered_count(len(pool), size)
+    if count == len(pool):
         return pool
-    chosen = np.random.default_rng([seed, 11]).choice(len(pool), size, replace=False)
+    chosen = np.random.default_rng([seed, 11]).choice(len(pool), count, replace=False)
     return pool[np.sort(chosen)]
 
 
