@@ -43,13 +43,12 @@ SETTINGS = {"num-clients": 20, "partitioner": "dirichlet", "alpha-label": 0.5,
             "alpha-size": 10.0, "num-rounds": 40, "local-epochs": 2, "eval-every": 5}
 
 
-def auto(pooling: float, rule: str, warmup: int) -> dict[str, Any]:
-    """FedMe from local-best with every tuning key spelled out (app defaults may change)."""
-    return {"method": "fedme", "fedme.init-arch": "local-best", "fedme.candidate-models":
-    ",".join(CANDIDATES),
-            "fedme.local-best-pooling": pooling,
+def auto(pooling: float, rule: str, warmup: int, init: str = "local-best") -> dict[str, Any]:
+    """Auto-tuned FedMe with every tuning key spelled out (app defaults may change)."""
+    return {"method": "fedme", "fedme.init-arch": init,
+            "fedme.candidate-models": ",".join(CANDIDATES), "fedme.local-best-pooling": pooling,
             "fedme.adoption-rule": rule, "fedme.adoption-warmup": warmup,
-                "fedme.adoption-margin": 0.0}
+            "fedme.adoption-margin": 0.0}
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -62,6 +61,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fedme-auto-pooled-warmup": auto(50, "loss", 20),
     "fedme-auto-population": auto(50, "population", 0),
     "fedme-auto-population-warmup": auto(50, "population", 10),
+    "fedme-auto-spread": auto(0, "loss", 25, init="spread"),
+    "fedme-auto-spread-population": auto(0, "population", 25, init="spread"),
     "fedavg-ft": {"method": "fedavg", "model": "cnn2"},
 }
 

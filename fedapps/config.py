@@ -27,7 +27,7 @@ from fedapps.models import MODELS
 
 PROJECT = Path(__file__).resolve().parent.parent
 PATH_KEYS = ("data-path", "partition-file", "results-dir")  # made absolute for app processes
-INIT_ARCH_MODES = ("local-best", "random")
+INIT_ARCH_MODES = ("local-best", "random", "spread")
 ADOPTION_RULES = ("loss", "accuracy", "population")  # fedapps/tuning.py
 ENGINE_METHODS = ("fedme", "fedavg", "hypcluster", "fml", "pfedme", "mapper")
 DISTILL_METHODS = ("async-distill", "async-averaging", "async-distillation", "sync-distill")
@@ -121,7 +121,7 @@ class RunConfig(BaseModel):
     # ------------------------------------------------------------ fedme (docs/fedme-tuning.md)
     candidate_models: str = option("cnn1,cnn2,cnn3,cnn4", "architectures auto-tuning may pick",
                                    "fedme", "candidate-models")
-    init_arch: str = option("local-best", "local-best | random | a model | one per client",
+    init_arch: str = option("local-best", "local-best | random | spread | a model | one per client",
                             "fedme", "init-arch")
     local_best_epochs: int = option(30, "epoch budget per candidate for local-best", "fedme",
                                     "local-best-epochs", ge=0)

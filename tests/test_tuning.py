@@ -267,3 +267,16 @@ def test_population_rule_vetoes_a_structure_change_the_population_does_not_suppo
     assert strategy.round_info["adoptions"] == {"2": 1}
     assert strategy.round_info["structure-evidence"] == {"cnn1<cnn3": 0.0}
     assert [m.arch for m in strategy.models.values()] == ["cnn1", "cnn3", "cnn3"]
+
+
+def test_spread_gives_every_candidate_an_equal_share_same_seed_same_split():
+    from fedapps.methods.fedme.server import initial_architectures
+
+    config = RunConfig(num_clients=10, candidate_models="cnn1,cnn2,cnn3", init_arch="spread")
+    clients = dict.fromkeys(range(10), {})
+    archs = initial_architectures(config, clients)
+    assert sorted(archs) == list(range(10))
+    assert sorted(np.unique(list(archs.values()), return_counts=True)[1]) == [3, 3, 4]
+    assert initial_architectures(config, clients) == archs
+    other = initial_architectures(config.replace(seed=1), clients)
+    assert other != archs
