@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fedme-auto-population-warmup": auto(50, "population", 10),
     "fedme-auto-spread": auto(0, "loss", 25, init="spread"),
     "fedme-auto-spread-population": auto(0, "population", 25, init="spread"),
+    "fedme-auto-spread-w50": auto(0, "loss", 50, init="spread"),
     "fedavg-ft": {"method": "fedavg", "model": "cnn2"},
 }
 
