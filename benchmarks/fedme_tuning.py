@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/fedme_tuning.py                       # digits and digits28
     .venv/bin/python benchmarks/fedme_tuning.py --datasets digits --seeds 0 1 2 --jobs 2
 
-20 clients, two-level Dirichlet (sizes 10, labels 0.5), 40 rounds, E=2, the app's defaults
-otherwise. Variants: FedMe with each fixed candidate, FedMe auto-tuned with the paper's
-adoption rule (validation loss) and with ours, and FedAvg + fine-tuning. Every run is the real
+20 clients, two-level Dirichlet (sizes 10, labels 0.5), 100 rounds (at 40 every FedMe run is
+still rising), E=2, the app's defaults otherwise. Variants: FedMe with each fixed candidate,
+FedMe auto-tuned with the paper's rules and with ours (pooled local-best, other adoption rules,
+a spread start), and FedAvg + fine-tuning. Every run is the real
 server and client code run in one process without Flower's runtime
 (:func:`fedapps.inprocess.run_in_process`), ``--jobs`` runs at once, one core each.
 
@@ -40,7 +41,7 @@ OUT = Path(__file__).parent / "results"
 CANDIDATES = ["cnn1", "cnn2", "cnn3", "cnn4"]  # FedMe's candidates, smallest first
 RUNS_LOG = "runs.jsonl"  # one line per finished run: an interrupted benchmark resumes
 SETTINGS = {"num-clients": 20, "partitioner": "dirichlet", "alpha-label": 0.5,
-            "alpha-size": 10.0, "num-rounds": 40, "local-epochs": 2, "eval-every": 5}
+            "alpha-size": 10.0, "num-rounds": 100, "local-epochs": 2, "eval-every": 5}
 
 
 def auto(pooling: float, rule: str, warmup: int, init: str = "local-best") -> dict[str, Any]:
@@ -93,6 +94,7 @@ def one_run(job: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
         "adoption-pairs": {k: v for k, v in pairs.items() if k.split(">")[0] != k.split(">")[1]},
         "architectures-by-round": [(r["round"], r["architectures"]) for r in rows
                                    if r.get("architectures")],
+        "accuracy-by-round": [(r["round"], r["accuracy"]) for r in rows if "accuracy" in r],
         **drift_evidence(rows),
     }
 
@@ -129,9 +131,10 @@ def finished_runs(out: Path, rounds: int) -> list[dict[str, Any]]:
 def summarize(runs: list[dict[str, Any]], dataset: str) -> tuple[str, dict[str, Any]]:
     """A Markdown table for one data set and the goal check."""
     lines = ["| variant | accuracy % (mean over seeds) | SD over seeds | SD over clients "
-             "| seeds | initial architectures | final architectures | architecture changes "
-             "| fixation round | early changes smaller/larger | home advantage (val acc) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seeds | before FT at round 40 / last | initial architectures | final architectures "
+             "| architecture changes | fixation round | early changes smaller/larger "
+             "| home advantage (val acc) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     means: dict[str, float] = {}
     for variant in VARIANTS:
         done = [r for r in runs if r["variant"] == variant and r["dataset"] == dataset]
@@ -143,6 +146,7 @@ def summarize(runs: list[dict[str, Any]], dataset: str) -> tuple[str, dict[str, 
         client_sd = statistics.fmean(100 * r["client-sd"] for r in done)
         lines.append(
             f"| {variant} | {means[variant]:.2f} | {seed_sd:.2f} | {client_sd:.2f} | {len(done)} "
+            f"| {_curve_points(done)} "
             f"| {_counts([r['initial'] for r in done])} | {_counts([r['final'] for r in done])} "
             f"| {sum(sum(r['adoption-pairs'].values()) for r in done) / len(done):.0f} "
             f"| {', '.join(str(r['fixation-round'] or '-') for r in done)} "
@@ -167,6 +171,15 @@ def summarize(runs: list[dict[str, Any]], dataset: str) -> tuple[str, dict[str, 
                 f"{'MET' if goal[variant]['met'] else 'NOT met'}"
             )
     return "\n".join(lines), goal
+
+
+def _curve_points(done: list[dict[str, Any]]) -> str:
+    """Mean test accuracy before fine-tuning at round 40 and at the last round: still rising?"""
+    curves = [dict(r.get("accuracy-by-round", [])) for r in done]
+    if not all(curves):
+        return "-"
+    points = [np.mean([100 * c.get(rnd, np.nan) for c in curves]) for rnd in (40, max(curves[0]))]
+    return " / ".join(f"{p:.1f}" for p in points)
 
 
 def _counts(counters: list[Counter[str]]) -> str:
