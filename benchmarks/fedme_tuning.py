@@ -128,15 +128,16 @@ def finished_runs(out: Path, rounds: int) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("rounds") == rounds]
 
 
-def summarize(runs: list[dict[str, Any]], dataset: str) -> tuple[str, dict[str, Any]]:
-    """A Markdown table for one data set and the goal check."""
+def summarize(runs: list[dict[str, Any]], dataset: str,
+              variants: list[str]) -> tuple[str, dict[str, Any]]:
+    """A Markdown table of the asked variants for one data set, and the goal check."""
     lines = ["| variant | accuracy % (mean over seeds) | SD over seeds | SD over clients "
              "| seeds | before FT at round 40 / last | initial architectures | final architectures "
              "| architecture changes | fixation round | early changes smaller/larger "
              "| home advantage (val acc) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     means: dict[str, float] = {}
-    for variant in VARIANTS:
+    for variant in variants:
         done = [r for r in runs if r["variant"] == variant and r["dataset"] == dataset]
         if not done:
             continue
@@ -188,19 +189,20 @@ def _counts(counters: list[Counter[str]]) -> str:
     return " / ".join(f"{n} {np.mean([c.get(n, 0) for c in counters]):.1f}" for n in names)
 
 
-def plot_architectures(runs: list[dict[str, Any]], dataset: str, out: Path) -> Path:
+def plot_architectures(runs: list[dict[str, Any]], dataset: str, out: Path,
+                       variants: list[str]) -> Path:
     """Clients per architecture over rounds, mean over seeds, one panel per auto variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in VARIANTS if v.startswith("fedme-auto")
-                and any(r["variant"] == v and r["dataset"] == dataset for r in runs)]
-    fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants), 3.2), sharey=True,
-                             squeeze=False)
+    auto_variants = [v for v in variants if v.startswith("fedme-auto")
+                     and any(r["variant"] == v and r["dataset"] == dataset for r in runs)]
+    fig, axes = plt.subplots(1, len(auto_variants), figsize=(4 * len(auto_variants), 3.2),
+                             sharey=True, squeeze=False)
     names = CANDIDATES
-    for axis, variant in zip(axes[0], variants):
+    for axis, variant in zip(axes[0], auto_variants):
         done = [r for r in runs if r["variant"] == variant and r["dataset"] == dataset]
         rounds = [rnd for rnd, _ in done[0]["architectures-by-round"]]
         counts = [[np.mean([dict(r["architectures-by-round"])[rnd].get(n, 0) for r in done])
@@ -256,10 +258,10 @@ def main() -> None:
     report: dict[str, Any] = {"settings": SETTINGS, "rounds": args.rounds, "seeds": args.seeds,
                               "cpus": os.cpu_count(), "jobs": args.jobs, "runs": runs, "goal": {}}
     for dataset in args.datasets:
-        table, report["goal"][dataset] = summarize(runs, dataset)
+        table, report["goal"][dataset] = summarize(runs, dataset, args.variants)
         print(f"\n## {dataset}\n{table}")
         if any(r["variant"].startswith("fedme-auto") for r in runs):
-            print(f"plot: {plot_architectures(runs, dataset, args.out)}")
+            print(f"plot: {plot_architectures(runs, dataset, args.out, args.variants)}")
     (args.out / "fedme_tuning.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\ntotal {time.perf_counter() - started:.0f}s with {args.jobs} jobs")
 
