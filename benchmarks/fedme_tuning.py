@@ -190,15 +190,18 @@ def _counts(counters: list[Counter[str]]) -> str:
 
 
 def plot_architectures(runs: list[dict[str, Any]], dataset: str, out: Path,
-                       variants: list[str]) -> Path:
-    """Clients per architecture over rounds, mean over seeds, one panel per auto variant."""
+                       variants: list[str]) -> Path | None:
+    """Clients per architecture over rounds, mean over seeds, one panel per auto variant that
+    has runs (None when there is none)."""
+    auto_variants = [v for v in variants if v.startswith("fedme-auto")
+                     and any(r["variant"] == v and r["dataset"] == dataset for r in runs)]
+    if not auto_variants:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    auto_variants = [v for v in variants if v.startswith("fedme-auto")
-                     and any(r["variant"] == v and r["dataset"] == dataset for r in runs)]
     fig, axes = plt.subplots(1, len(auto_variants), figsize=(4 * len(auto_variants), 3.2),
                              sharey=True, squeeze=False)
     names = CANDIDATES
@@ -260,8 +263,8 @@ def main() -> None:
     for dataset in args.datasets:
         table, report["goal"][dataset] = summarize(runs, dataset, args.variants)
         print(f"\n## {dataset}\n{table}")
-        if any(r["variant"].startswith("fedme-auto") for r in runs):
-            print(f"plot: {plot_architectures(runs, dataset, args.out, args.variants)}")
+        if plot := plot_architectures(runs, dataset, args.out, args.variants):
+            print(f"plot: {plot}")
     (args.out / "fedme_tuning.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\ntotal {time.perf_counter() - started:.0f}s with {args.jobs} jobs")
 

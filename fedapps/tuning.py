@@ -5,6 +5,8 @@ Two decisions make FedMe pick architectures by itself:
 * **local-best** (the initial architecture): each client trains every candidate alone, with early
   stopping on its validation split, and keeps the candidate with the highest validation accuracy
   (the paper's rule; ties go to the lower validation loss, then to the earlier candidate).
+  ``spread`` instead gives every candidate an equal share of the clients, so the comparisons
+  start with every architecture present (with ``fedme.adoption-warmup``: docs/fedme-tuning.md).
 * **adoption** (every round): after deep mutual learning the client compares its personal model
   with the exchange model on validation data and may adopt the exchange model, architecture
   included. The paper adopts when the exchange model's validation loss is strictly lower
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -173,6 +176,16 @@ def pooled_choice(
             for r in own]
         choice[client] = best_candidate(shrunk).name
     return choice
+
+
+def spread_choice(pids: Sequence[int], candidates: Sequence[str], seed: int) -> dict[int, str]:
+    """Every candidate to an equal share of the clients (seeded order; shares differ by <= 1).
+
+    Adoption can only move clients to architectures some client holds: a population that
+    starts without the best one never finds it (docs/fedme-tuning.md).
+    """
+    order = np.random.default_rng([seed, 13]).permutation(list(pids))
+    return {int(pid): candidates[i % len(candidates)] for i, pid in enumerate(order)}
 
 
 def train_with_early_stopping(

@@ -32,16 +32,6 @@ def candidate_results(info: ConfigRecord) -> list[tuning.CandidateResult]:
     ]
 
 
-def spread_architectures(pids: list[int], candidates: list[str], seed: int) -> dict[int, str]:
-    """Every candidate to an equal share of the clients (seeded order; shares differ by <= 1).
-
-    Adoption can only move clients to architectures some client holds: a population that
-    starts without the best one never finds it (docs/fedme-tuning.md).
-    """
-    order = np.random.default_rng([seed, 13]).permutation(pids)
-    return {int(pid): candidates[i % len(candidates)] for i, pid in enumerate(order)}
-
-
 def initial_architectures(config: RunConfig, clients: Mapping[int, Mapping[str, Any]]):
     """fedme.init-arch: local-best (clients chose), random or spread (seeded), one name, or one
     per client."""
@@ -55,7 +45,7 @@ def initial_architectures(config: RunConfig, clients: Mapping[int, Mapping[str, 
         rng = np.random.default_rng(config.seed)
         return {pid: str(rng.choice(config.candidates)) for pid in pids}
     if config.init_arch == "spread":
-        return spread_architectures(pids, config.candidates, config.seed)
+        return tuning.spread_choice(pids, config.candidates, config.seed)
     names = [name.strip() for name in config.init_arch.split(",")]
     if len(names) == 1:
         return dict.fromkeys(pids, names[0])
