@@ -17,7 +17,6 @@ seeds, the share of rounds with an identical partition, and the seconds of pool 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fedapps.config import exit_on_bad_input
+from fedapps.config import CommandLine, exit_on_bad_input
 
 OUT = Path(__file__).parent / "results" / "cluster-sample"
 SETTINGS = {"method": "fedme", "dataset": "digits28", "num-clients": 20,
@@ -105,7 +104,7 @@ def summarize(rows: list[dict[str, Any]], sizes: list[int]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLine(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=SETTINGS["num-rounds"])

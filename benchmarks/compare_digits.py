@@ -9,13 +9,12 @@ still leaves the seeds that finished.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from fedapps.compare import Comparison, compare
-from fedapps.config import exit_on_bad_input
+from fedapps.config import CommandLine, exit_on_bad_input
 
 METHODS = [
     "local", "centralized", "fedavg", "hypcluster", "mapper", "fml", "pfedme", "fedme",
@@ -24,8 +23,8 @@ METHODS = [
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> int:
+    parser = CommandLine(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -48,6 +47,10 @@ def main() -> None:
     (out / "architectures.md").write_text(architectures.to_string(index=False) + "\n")
     print(architectures.to_string(index=False))
     print(f"[benchmark] total wall time {time.perf_counter() - started:.0f}s", flush=True)
+    failed = [r for r in runs if r.error]
+    for run in failed:
+        print(f"error: {run.label} seed {run.seed} FAILED: {run.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

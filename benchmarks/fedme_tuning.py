@@ -20,7 +20,6 @@ Each finished run is appended to ``<out>/runs.jsonl`` at once; started again wit
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fedapps.config import exit_on_bad_input
+from fedapps.config import CommandLine, exit_on_bad_input
 from fedapps.protocol.results import read_rounds
 
 OUT = Path(__file__).parent / "results"
@@ -221,8 +220,8 @@ def plot_architectures(runs: list[dict[str, Any]], dataset: str, out: Path,
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> int:
+    parser = CommandLine(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["digits", "digits28"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -242,6 +241,7 @@ def main() -> None:
     todo = [job for job in jobs if job[:3] not in done]
     print(f"{len(jobs) - len(todo)} runs already in {args.out / RUNS_LOG}, {len(todo)} to go",
           flush=True)
+    failed = []
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(one_run, job): job for job in todo}
         for future in as_completed(futures):
@@ -249,7 +249,8 @@ def main() -> None:
             try:
                 run = future.result()
             except Exception as error:  # one failed run must not lose the others
-                print(f"{dataset} {variant} seed {seed} FAILED: {error}", flush=True)
+                failed.append(f"{dataset} {variant} seed {seed} FAILED: {error}")
+                print(failed[-1], flush=True)
                 continue
             run["rounds"] = args.rounds
             with (args.out / RUNS_LOG).open("a") as stream:
@@ -267,6 +268,9 @@ def main() -> None:
             print(f"plot: {plot}")
     (args.out / "fedme_tuning.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\ntotal {time.perf_counter() - started:.0f}s with {args.jobs} jobs")
+    for line in failed:  # the tables above leave these runs out: say so last, and fail
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedapps import training
-from fedapps.config import exit_on_bad_input, method_uses
+from fedapps.config import CommandLine, exit_on_bad_input, method_uses
 from fedapps.inprocess import run_in_process
 from fedapps.methods.fedme.strategy import clustered_count
 from fedapps.models import build_model
@@ -575,7 +575,7 @@ def print_digits(report: dict[str, Any]) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLine(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("images", "digits"), default="images")
     parser.add_argument("--quick", action="store_true",
                         help="images: 28x28, 20 clients, U=500, 3 rounds; digits: 20 clients")

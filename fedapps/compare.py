@@ -4,10 +4,12 @@
                      dataset="digits", seeds=[0, 1, 2], num_clients=20)
     result.table; result.curves; print(result.to_markdown()); result.save("results/cmp")
 
-Every (method, seed) runs through Flower's simulation engine (:func:`fedapps.simulation.simulate`)
-with the same config except the method's own keys, so all methods of one seed see the same
-partition. A run that fails becomes a row with its error; the others go on. One progress line is
-printed per finished run.
+Every (method, seed) is a ``flwr run`` on a local SuperLink of its own, as
+``python -m fedapps.launch`` runs it (:func:`fedapps.launch.run_experiment`; Flower's log goes to
+``flwr.log`` next to the run's folder), with the same config except the method's own keys, so all
+methods of one seed see the same partition. Every config and its data are checked before the
+first run starts. A run that fails is shown as failed with its reason, never as a number, and
+never averaged into its method's row; the others go on. One progress line per finished run.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedapps.config import RunConfig, app_defaults, method_uses
+from fedapps.config import method_uses, resolve
+from fedapps.launch import check, run_experiment
 from fedapps.protocol.results import read_rounds
-from fedapps.simulation import simulate
 
 if TYPE_CHECKING:  # pandas is imported on use: only the tables need it
     import pandas as pd
@@ -62,8 +64,10 @@ class Comparison:
 
     @property
     def table(self) -> pd.DataFrame:
-        """One row per method: client mean and SD (in %) averaged over seeds, SD over seeds of
-        the client mean, before/after fine-tuning, rounds, mean wall time per run, errors."""
+        """One row per method: client mean and SD (in %) averaged over the seeds whose runs
+        completed, SD over seeds of the client mean, before/after fine-tuning, rounds, mean wall
+        time per run, ``runs`` completed of planned, ``status`` (ok, or how many FAILED) and
+        the failures' reasons. A method none of whose runs completed has no figures (NaN)."""
         import pandas as pd
 
         rows = []
@@ -82,6 +86,8 @@ class Comparison:
             row["rounds"] = done[0].summary.get("rounds", math.nan) if done else math.nan
             row["wall-s"] = _mean([r.wall_s for r in done])
             row["runs"] = f"{len(done)}/{len(runs)}"
+            failed = len(runs) - len(done)
+            row["status"] = f"{failed} of {len(runs)} FAILED" if failed else "ok"
             row["error"] = "; ".join(f"seed {r.seed}: {r.error}" for r in runs if r.error)
             rows.append(row)
         return pd.DataFrame(rows)
@@ -119,7 +125,7 @@ class Comparison:
         """The table as Markdown, accuracy as 'mean ± SD over clients' (averaged over seeds)."""
         table = self.table
         head = ["method", "accuracy (%)", "reported", "before FT (%)", "after FT (%)",
-                "SD over seeds", "rounds", "wall s/run", "runs", "error"]
+                "SD over seeds", "rounds", "wall s/run", "runs", "status", "error"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in table.to_dict("records"):
             cells = [row["method"], _pm(row["accuracy"], row["accuracy-sd"]),
@@ -127,7 +133,7 @@ class Comparison:
                      _pm(row["before-ft"], row["before-ft-sd"]),
                      _pm(row["after-ft"], row["after-ft-sd"]), _num(row["seed-sd"]),
                      _num(row["rounds"], 0), _num(row["wall-s"], 1), row["runs"],
-                     row["error"].replace("|", "/").replace("\n", " ")[:200]]
+                     row["status"], row["error"].replace("|", "/").replace("\n", " ")[:200]]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -204,24 +210,34 @@ def compare(
             shared = {key: value for key, value in common.items() if method_uses(method, key)}
             values = {**shared, "dataset": dataset, **own, "seed": int(seed),
                       "results-dir": str(Path(results_dir) / label / f"seed{seed}")}
-            RunConfig.from_mapping({**app_defaults(), **values})  # fail before any run
+            values = resolve(None, values)  # defaults + these, checked, paths absolute
+            check(values)  # the data too: fail before any run
             plan.append((label, int(seed), values))
     runs = []
     for number, (label, seed, values) in enumerate(plan, start=1):
-        started = time.perf_counter()
-        try:
-            folder = simulate(values)
-        except Exception as error:  # one failing method must not lose the others' results
-            run = RunResult(label, seed, time.perf_counter() - started,
-                            error=f"{type(error).__name__}: {error}")
-        else:
-            run = RunResult(label, seed, time.perf_counter() - started, folder,
-                            json.loads((folder / "summary.json").read_text()),
-                            read_rounds(folder))
+        run = _run(label, seed, values)
         runs.append(run)
         if progress:
             progress(f"[compare {number}/{len(plan)}] {_describe(run)}")
     return Comparison(labels, runs)
+
+
+def _run(label: str, seed: int, values: dict[str, Any]) -> RunResult:
+    """One ``flwr run``; a failure becomes the result's error (the other runs go on)."""
+    started = time.perf_counter()
+    log = Path(values["results-dir"]) / "flwr.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = run_experiment(values, output=log)
+    except Exception as error:  # e.g. Flower could not start: this run fails, not the others
+        return RunResult(label, seed, time.perf_counter() - started,
+                         error=f"{type(error).__name__}: {error}")
+    wall = time.perf_counter() - started
+    folder = outcome.folders[-1] if outcome.folders else None
+    if outcome.code or folder is None:
+        return RunResult(label, seed, wall, folder, error=outcome.reason)
+    return RunResult(label, seed, wall, folder, json.loads((folder / "summary.json").read_text()),
+                     read_rounds(folder))
 
 
 def _is_pair(item: Any) -> bool:

@@ -17,7 +17,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NoReturn, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
@@ -29,6 +29,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 PATH_KEYS = ("data-path", "partition-file", "results-dir")  # made absolute for app processes
 INIT_ARCH_MODES = ("local-best", "random", "spread")
 ADOPTION_RULES = ("loss", "accuracy", "population")  # fedapps/tuning.py
+SERVER_FAULT = -1  # fault-injection's client number for the ServerApp itself
 ENGINE_METHODS = ("fedme", "fedavg", "hypcluster", "fml", "pfedme", "mapper")
 DISTILL_METHODS = ("async-distill", "async-averaging", "async-distillation", "sync-distill")
 # Every method (fedapps/registry.py implements each) -> the sections of keys it reads.
@@ -116,7 +117,8 @@ class RunConfig(BaseModel):
                                   gt=0)
     checkpoint_every: int = option(0, "save the server state every N rounds (0: never)", ge=0)
     run_name: str = option("", "fixed results folder <results-dir>/<run-name>; restarts resume")
-    fault_injection: str = option("", "testing: 'error|nan|slow:client:round,...' on purpose")
+    fault_injection: str = option("", "testing: 'error|nan|slow:client:round,...' on purpose; "
+                                  "'error:server:round' fails the ServerApp")
 
     # ------------------------------------------------------------ fedme (docs/fedme-tuning.md)
     candidate_models: str = option("cnn1,cnn2,cnn3,cnn4", "architectures auto-tuning may pick",
@@ -339,19 +341,24 @@ class RunConfig(BaseModel):
         return k
 
     def faults(self) -> dict[tuple[int, int], str]:
-        """``fault-injection`` as {(client, round): kind}; kinds: error, nan, slow."""
+        """``fault-injection`` as {(client, round): kind}; kinds: error, nan, slow. The server
+        is client :data:`SERVER_FAULT` (``error:server:R``: the ServerApp fails in round R)."""
         faults = {}
         for item in filter(None, self.fault_injection.split(",")):
             try:
                 kind, client, server_round = item.strip().split(":")
-                faults[(int(client), int(server_round))] = kind
+                who = SERVER_FAULT if client == "server" else int(client)
+                faults[(who, int(server_round))] = kind
             except ValueError:
-                kind = ""
-            if kind not in ("error", "nan", "slow"):
+                kind = who = ""
+            if kind not in ("error", "nan", "slow") or (who == SERVER_FAULT and kind != "error"):
                 raise ConfigError(
                     f"fault-injection='{self.fault_injection}': bad item '{item}'; expected "
-                    "'kind:client:round' with kind error, nan or slow"
+                    "'kind:client:round' with kind error, nan or slow, or 'error:server:round'"
                 )
+            if who == SERVER_FAULT and self.method not in ENGINE_METHODS:
+                raise ConfigError(f"fault-injection='{self.fault_injection}': 'error:server' "
+                                  f"needs a round-engine method, not '{self.method}'")
         return faults
 
 
@@ -444,6 +451,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip(), value
+
+
+class CommandLine(argparse.ArgumentParser):
+    """The commands' argument parser: a bad argument is one line on stderr and exit status 2,
+    like every other bad input (argparse prints its usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def exit_on_bad_input(main: Callable[[], int]) -> int:

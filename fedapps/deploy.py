@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -29,20 +28,34 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from fedapps.config import PROJECT, ConfigError, exit_on_bad_input, parse_override, resolve
+from fedapps.config import (
+    PROJECT,
+    CommandLine,
+    ConfigError,
+    exit_on_bad_input,
+    parse_override,
+    resolve,
+)
 from fedapps.data.devices import node_config_line
-from fedapps.launch import flwr_environment, free_port, num_supernodes, write_run_config
+from fedapps.launch import (
+    EXIT_FAILED,
+    check,
+    flwr_environment,
+    free_port,
+    named,
+    outcome_of,
+    results_folder,
+    stop_process,
+    write_run_config,
+)
 
 CONNECTION = "rehearsal"
 START_TIMEOUT_S = 60.0
-STOP_GRACE_S = 5.0
 TOOL_TIMEOUT_S = 120.0
 LOOPBACK_NAMES = "DNS:localhost,IP:127.0.0.1"
 
@@ -144,32 +157,6 @@ def make_supernode_key(keys: Path, name: str, verbose: bool = False) -> Path:
 
 def public_key(private_key: Path) -> Path:
     return private_key.with_name(private_key.name + ".pub")
-
-
-def stop_process(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """Stop a process, its process group and every descendant: SIGTERM, then SIGKILL.
-
-    Flower detaches its helpers (SuperExec, ServerApp and ClientApp processes) into sessions of
-    their own, so killing the group alone would leave them behind: they are listed first.
-    ``grace_s=0`` kills at once (a crash).
-    """
-    tree: list[psutil.Process] = []
-    if process.poll() is None:  # once reaped, its pid may belong to someone else
-        with suppress(psutil.NoSuchProcess):
-            root = psutil.Process(process.pid)
-            tree = [root, *root.children(recursive=True)]
-    signals = [signal.SIGTERM, signal.SIGKILL] if grace_s > 0 else [signal.SIGKILL]
-    for sig in signals:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)
-        for member in tree:
-            with suppress(psutil.NoSuchProcess):
-                member.send_signal(sig)
-        _, tree = psutil.wait_procs(tree, timeout=grace_s if sig == signal.SIGTERM else 5)
-        if not tree:
-            break
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=1)  # reap it, so no zombie is left either
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path,
@@ -395,7 +382,7 @@ def deployment(num_nodes: int, home: Path, node_config: Mapping[str, Any] | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = CommandLine(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", nargs="?", help="experiment file, e.g. conf/fedme-digits.toml")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
@@ -422,10 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = device_node_configs(args.devices) if args.devices else None
     if args.devices:
         values = resolve(None, device_run_config(values, args.devices))
-    nodes = args.num_supernodes or num_supernodes(values)
-    if nodes != num_supernodes(values):
-        parser.error(f"--num-supernodes {nodes} differs from the run's "
-                     f"{num_supernodes(values)} clients (num-partitions must match)")
+    num_clients = check(values)  # the ServerApp's checks, before any process starts
+    nodes = args.num_supernodes or num_clients
+    if nodes != num_clients:
+        parser.error(f"--num-supernodes {nodes} differs from the run's {num_clients} clients "
+                     "(num-partitions must match)")
+    values = named(values)  # the results folder whose summary says how the run ended
     home = args.home.resolve()
     # `kill`/`timeout` send SIGTERM: exit through the context manager so it stops every process
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -434,9 +423,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         scheme = ("TLS + SuperNode auth" if args.auth else "TLS" if args.tls else "insecure")
         print(f"fedapps.deploy: SuperLink on {deploy.address} ({scheme}), {nodes} SuperNodes; "
               f"logs in {deploy.logs}", flush=True)
-        return deploy.run(write_run_config(values, home / "run-config.toml"), args.timeout,
-                          echo=True)
-
+        try:
+            code = deploy.run(write_run_config(values, home / "run-config.toml"),
+                              args.timeout, echo=True)
+        except subprocess.TimeoutExpired:
+            print(f"error: no result after --timeout {args.timeout:g}s; the run was stopped "
+                  f"(logs in {deploy.logs})", file=sys.stderr)
+            return EXIT_FAILED
+    outcome = outcome_of([results_folder(values)], [code], deploy.logs)
+    if outcome.code:
+        print(f"error: {outcome.reason}", file=sys.stderr)
+    return outcome.code
 
 if __name__ == "__main__":
     sys.exit(exit_on_bad_input(main))

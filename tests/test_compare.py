@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from fedapps import server
 from fedapps.compare import compare
 from fedapps.config import ConfigError
-from fedapps.protocol.method import Method
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "compare_strategies.ipynb"
 
@@ -31,25 +30,25 @@ def test_bad_specs_fail_before_any_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_row_per_method_and_a_failure_is_reported(tmp_path, monkeypatch):
-    def broken(grid, config, clients, recorder):  # runs in this process: the ServerApp thread
-        raise RuntimeError("boom")
-
-    monkeypatch.setitem(server.METHODS, "local", Method(run=broken))
+def test_one_row_per_method_and_a_failure_is_reported(tmp_path):
     lines = []
-    result = compare(["centralized", "local"], "digits", [0], num_clients=3, num_rounds=2,
-                     results_dir=tmp_path / "runs", progress=lines.append)
+    broken = ("fedavg-broken", {"method": "fedavg", "fault-injection": "error:server:2"})
+    result = compare(["centralized", broken], "digits", [0], num_clients=3, num_rounds=2,
+                     model="cnn1", results_dir=tmp_path / "runs", progress=lines.append)
     table = result.table
-    assert list(table["method"]) == ["centralized", "local"]
+    assert list(table["method"]) == ["centralized", "fedavg-broken"]
     ok, failed = table.to_dict("records")
-    assert ok["runs"] == "1/1" and not ok["error"] and ok["accuracy"] > 0
-    assert failed["runs"] == "0/1" and "boom" in failed["error"]
+    assert ok["runs"] == "1/1" and ok["status"] == "ok" and not ok["error"] and ok["accuracy"] > 0
+    assert failed["runs"] == "0/1" and failed["status"] == "1 of 1 FAILED"
+    assert "the server fails in round 2" in failed["error"] and math.isnan(failed["accuracy"])
     assert len(lines) == 2 and "FAILED" in lines[1]
     assert set(result.curves["method"]) == {"centralized"}
-    assert "| centralized |" in result.to_markdown()
+    markdown = result.to_markdown()
+    assert "| centralized |" in markdown and "| fedavg-broken | – |" in markdown
     saved = result.save(tmp_path / "out")
     for name in ("table.md", "table.csv", "accuracy_by_round.png"):
         assert saved[name].stat().st_size > 0
+    assert (tmp_path / "runs" / "centralized" / "seed0" / "flwr.log").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -90,16 +89,23 @@ def test_table_and_architectures_from_runs():
             summary["architectures"] = dict(enumerate(archs))
         return RunResult(label, seed, 10.0, Path("."), summary, [{"round": 1, "accuracy": 0.5}])
 
-    result = Comparison(["a", "b", "c"], [
+    result = Comparison(["a", "b", "c", "d"], [
         run("a", 0, 0.8, ["cnn1", "cnn2"]), run("a", 1, 0.6, ["cnn1", "cnn1"]),
         run("b", 0, 0.5, reported="before-finetune"),
         RunResult("c", 0, 1.0, error="RuntimeError: boom"),
+        run("d", 0, 0.9), RunResult("d", 1, 1.0, error="DataError: bad file"),
     ])
     rows = {row["method"]: row for row in result.table.to_dict("records")}
     assert rows["a"]["accuracy"] == pytest.approx(70) and rows["a"]["accuracy-sd"] == 10
     assert rows["a"]["seed-sd"] == pytest.approx(14.142, abs=1e-3)
     assert rows["b"]["accuracy"] == pytest.approx(40)  # its reported field: before fine-tuning
     assert rows["c"]["runs"] == "0/1" and "boom" in rows["c"]["error"]
+    assert rows["c"]["status"] == "1 of 1 FAILED" and math.isnan(rows["c"]["accuracy"])
+    assert rows["a"]["status"] == "ok"
+    # a failed seed is shown as failed and left out of the mean, never counted as a number
+    assert rows["d"]["accuracy"] == pytest.approx(90) and rows["d"]["runs"] == "1/2"
+    assert rows["d"]["status"] == "1 of 2 FAILED" and "seed 1: DataError" in rows["d"]["error"]
+    assert "| 1/2 | 1 of 2 FAILED |" in result.to_markdown()
     archs = result.architectures().set_index("method")
     assert archs.loc["a", "cnn1"] == 1.5 and archs.loc["a", "cnn2-sd"] == 0.5
-    assert list(result.curves["method"]) == ["a", "a", "b"]
+    assert list(result.curves["method"]) == ["a", "a", "b", "d"]

@@ -17,6 +17,7 @@ from fedapps.data.devices import read_device_file
 from fedapps.data.federated import partition_for
 from fedapps.data.split import split_for_devices
 from fedapps.deploy import Deployment, deployment, device_node_configs, device_run_config
+from fedapps.deploy import main as deploy_main
 from fedapps.launch import write_run_config
 from fedapps.methods.distill.channel import open_channel
 from fedapps.methods.distill.distillation import GLOBAL_LOG, read_log
@@ -175,3 +176,17 @@ def test_devices_with_only_their_own_files_run_fedme_and_fedavg(tmp_path):
             "device-000", "device-001", "device-002"}
         assert not (folder / "partition.json").exists()
         assert json.loads((folder / "summary.json").read_text())["after-finetune"]["mean"] > 0.1
+
+
+def test_the_rehearsal_exits_non_zero_when_the_serverapp_fails(tmp_path, capsys):
+    """Flower's CLI exits 0 for a failed run; `python -m fedapps.deploy` reads the run's own
+    summary and exits 1 with the reason as its last line."""
+    code = deploy_main([*(part for key, value in {
+        **FEDAVG, "num-rounds": 2, "fault-injection": "error:server:1",
+        "results-dir": str(tmp_path / "results")}.items()
+        for part in ("--set", f"{key}={json.dumps(value)}")), "--home", str(tmp_path / "flwr")])
+    [folder] = (tmp_path / "results").iterdir()
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: RuntimeError: fault-injection: the server fails in round 1 "
+        f"(traceback: {folder / 'error.log'})")

@@ -143,9 +143,18 @@ DATASETS: dict[str, Callable[[str], Dataset]] = {
 
 
 def load_dataset(name: str, data_path: str = "") -> Dataset:
+    """The data set ``name``; whatever stops it loading (a missing file, a malformed one, a Hub
+    that cannot be reached) is a one-line DataError naming the data set and the path."""
     if name not in DATASETS:
         raise DataError(f"dataset='{name}' is not known; allowed: {', '.join(DATASETS)}")
-    return DATASETS[name](data_path)
+    try:
+        return DATASETS[name](data_path)
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a loader's failure is the data's problem here
+        where = f" from data-path='{data_path}'" if data_path else ""
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise DataError(f"dataset='{name}' could not be loaded{where}: {reason}") from None
 
 
 def _is_torchvision_cifar(folder: Path) -> bool:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedapps.config import RunConfig, exit_on_bad_input, parse_override, resolve
+from fedapps.config import CommandLine, RunConfig, exit_on_bad_input, parse_override, resolve
 from fedapps.data.devices import (
     SPLITS,
     node_config_line,
@@ -62,7 +62,7 @@ def split_for_devices(config: RunConfig, out: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = CommandLine(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", nargs="?", help="experiment file, e.g. conf/fedme-digits.toml")
     parser.add_argument("--out", type=Path, required=True, help="folder for the files")

@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedapps.config import RunConfig
+from fedapps.config import SERVER_FAULT, RunConfig
 from fedapps.protocol.messages import BadModelError, error_summary, in_partition_order
 from fedapps.protocol.results import RunRecorder
 
@@ -180,6 +180,8 @@ def run_rounds(
         recorder.resume_after(checkpoint["round"])
         print(f"fedapps: resuming {recorder.folder} after round {checkpoint['round']}", flush=True)
     for server_round in range(first_round, config.num_rounds + 1):
+        if config.faults().get((SERVER_FAULT, server_round)) == "error":
+            raise RuntimeError(f"fault-injection: the server fails in round {server_round}")
         recorder.begin_round()
         messages = list(strategy.configure_train(server_round, arrays,
                                                  train_config or ConfigRecord(), grid))

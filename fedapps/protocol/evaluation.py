@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from fedapps import training
 from fedapps.config import RunConfig
+from fedapps.protocol.discovery import ClientFailure
 from fedapps.protocol.engine import log_errors, silent_clients
 from fedapps.protocol.messages import config_record, from_arrays, in_partition_order
 from fedapps.protocol.node import arch_of, eval_metrics, generator, optim_of, reply, setup
@@ -77,8 +78,20 @@ def finetune_summary(accuracies: Mapping[int, Mapping[str, float]]) -> dict[str,
 
 def final_evaluation(grid: Grid, config: RunConfig, clients: Mapping[int, Mapping[str, Any]],
                      final: FinalModels | None) -> dict[str, Any]:
-    """:func:`finetune_clients` then :func:`finetune_summary`: what every method ends with."""
-    return finetune_summary(finetune_clients(grid, config, clients, final))
+    """:func:`finetune_clients` then :func:`finetune_summary`: what every method ends with.
+
+    The figures of a run are these answers: none at all fails the run; clients that did not
+    answer are named in the summary (``missing-clients``), never silently left out."""
+    accuracies = finetune_clients(grid, config, clients, final)
+    if not accuracies:
+        raise ClientFailure("final evaluation: no client returned a test result (their errors "
+                            "are logged above)")
+    summary = finetune_summary(accuracies)
+    if missing := sorted(set(clients) - set(accuracies)):
+        summary["missing-clients"] = missing
+        print(f"fedapps: warning: the final figures leave out client(s) {missing}, which did "
+              "not answer the final evaluation", flush=True)
+    return summary
 
 
 # ------------------------------------------------------------------------------ client half

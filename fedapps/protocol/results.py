@@ -12,36 +12,33 @@ import math
 import os
 import statistics
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fedapps.config import ConfigError, RunConfig
+from fedapps.data.base import DataError
+
+ERROR_LOG = "error.log"
+COMPLETED, FAILED, MISSING = "completed", "failed", "missing"
 
 
 class RunRecorder:
     def __init__(self, config: RunConfig, folder: Path | None = None) -> None:
         self.config = config
         if folder is None and config.run_name:
-            folder = Path(config.results_dir) / config.run_name
+            folder = named_folder(config)
         if folder is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             folder = Path(config.results_dir) / f"{config.method}-{config.dataset}-{stamp}"
         self.folder = folder
+        check_resumable(config, folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         self.round_started: float | None = None
         config_path = self.folder / "config.json"
-        if config_path.exists():  # a named run restarted: it must be the same experiment
-            saved = json.loads(config_path.read_text())
-            changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
-                       if saved.get(k) != v}
-            if changed:
-                raise ConfigError(
-                    f"run-name='{config.run_name}' holds a run with another config "
-                    f"(saved vs now: {changed}); choose a new run-name to start afresh"
-                )
         write_json(config_path, config.to_dict())
 
     def resume_after(self, server_round: int) -> None:
@@ -76,11 +73,65 @@ class RunRecorder:
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         path = self.folder / "summary.json"
-        write_json(path, {"method": self.config.method, "dataset": self.config.dataset,
+        write_json(path, {"status": COMPLETED, "method": self.config.method,
+                          "dataset": self.config.dataset,
                           "wall-time-s": round(self.elapsed(), 2), **summary})
         plot_run(self.folder)
         plot_architectures(self.folder)
         return path
+
+    def write_failure(self, error: BaseException) -> Path:
+        """A failed run: its traceback in ``error.log``, ``summary.json`` saying ``failed`` with
+        the reason (so nothing reads the folder as a result); returns the log's path."""
+        log = self.folder / ERROR_LOG
+        log.write_text("".join(traceback.format_exception(error)))
+        rounds = read_rounds(self.folder)
+        write_json(self.folder / "summary.json", {
+            "status": FAILED, "reason": one_line_reason(error), "method": self.config.method,
+            "dataset": self.config.dataset, "wall-time-s": round(self.elapsed(), 2),
+            "rounds-logged": len(rounds), "error-log": str(log)})
+        return log
+
+
+def named_folder(config: RunConfig) -> Path | None:
+    """``<results-dir>/<run-name>`` of a named run (None: the recorder picks a new folder)."""
+    return Path(config.results_dir) / config.run_name if config.run_name else None
+
+
+def check_resumable(config: RunConfig, folder: Path | None = None) -> None:
+    """A folder that already holds a run must hold this experiment (a restart resumes it)."""
+    folder = folder or named_folder(config)
+    config_path = folder / "config.json" if folder else None
+    if config_path is None or not config_path.exists():
+        return
+    saved = json.loads(config_path.read_text())
+    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
+    if changed:
+        raise ConfigError(
+            f"run-name='{config.run_name}' holds a run with another config "
+            f"(saved vs now: {changed}); choose a new run-name to start afresh"
+        )
+
+
+def one_line_reason(error: BaseException) -> str:
+    """What stopped a run, in one line: the message of the errors users cause (bad config or
+    data, clients that failed), the type and message of anything else."""
+    message = " ".join(str(error).split()) or "no message"
+    if isinstance(error, ConfigError | DataError):
+        return message
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(error).__name__}: {message}"
+
+
+def run_status(folder: Path) -> tuple[str, str]:
+    """``(status, reason)`` of a run folder: completed, failed (with its reason), or
+    ``missing`` when the run never wrote a summary (it died before, or never started)."""
+    path = folder / "summary.json"
+    if not path.exists():
+        return MISSING, f"no summary.json in {folder}: the run ended before writing one"
+    summary = json.loads(path.read_text())
+    return summary.get("status", COMPLETED), summary.get("reason", "")
 
 
 def progress_line(row: Mapping[str, Any], num_rounds: int) -> str:

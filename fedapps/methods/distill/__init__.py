@@ -7,18 +7,26 @@ Server halves: :mod:`.averaging` (the averaging server and the runners), :mod:`.
 FedAvg's local update (:func:`fedapps.methods.fedavg.train_global`) on the small model.
 """
 
+from fedapps.config import RunConfig
 from fedapps.methods.distill.averaging import (
     run_async_averaging,
     run_async_distill,
     run_async_distillation,
 )
+from fedapps.methods.distill.distillation import server_data
 from fedapps.methods.distill.sync import run_sync_distill
 from fedapps.methods.fedavg import train_global
 from fedapps.protocol.method import Method
 
 CLIENT_HALF = {("train", ""): train_global}
 
-ASYNC_DISTILL = Method(run=run_async_distill, handlers=CLIENT_HALF)
-ASYNC_AVERAGING = Method(run=run_async_averaging, handlers=CLIENT_HALF)
-ASYNC_DISTILLATION = Method(run=run_async_distillation)  # trains no client
-SYNC_DISTILL = Method(run=run_sync_distill, handlers=CLIENT_HALF)
+
+def check_server_data(config: RunConfig, num_clients: int) -> None:
+    """The distillation server splits its pool into distillation inputs and a test set."""
+    server_data(config)
+
+
+ASYNC_DISTILL = Method(run=run_async_distill, handlers=CLIENT_HALF, check=check_server_data)
+ASYNC_AVERAGING = Method(run=run_async_averaging, handlers=CLIENT_HALF)  # the other half's pool
+ASYNC_DISTILLATION = Method(run=run_async_distillation, check=check_server_data)  # no client
+SYNC_DISTILL = Method(run=run_sync_distill, handlers=CLIENT_HALF, check=check_server_data)

@@ -44,8 +44,8 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedapps import training
-from fedapps.config import RunConfig, exit_on_bad_input, parse_override, resolve
-from fedapps.data.federated import client_data, num_clients_of, server_pool
+from fedapps.config import CommandLine, RunConfig, exit_on_bad_input, parse_override, resolve
+from fedapps.data.federated import DataError, client_data, num_clients_of, server_pool
 from fedapps.methods.distill.channel import ChannelTimeout, ModelChannel, State, open_channel
 from fedapps.protocol.messages import from_arrays, new_model
 from fedapps.protocol.node import generator
@@ -75,7 +75,7 @@ def server_data(config: RunConfig) -> ServerData:
                           torch.cat([t.y for t in tests]))
     held_out = round(config.global_test_fraction * len(pool_y))
     if not 0 < held_out < len(pool_y):
-        raise ValueError(
+        raise DataError(
             f"distill.global-test-fraction={config.global_test_fraction} of the server's pool of "
             f"{len(pool_y)} samples leaves no {'test' if held_out == 0 else 'distillation'} "
             "sample; raise unlabeled-size"
@@ -345,7 +345,7 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = CommandLine(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", help="experiment file (.toml), or a results config.json")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
