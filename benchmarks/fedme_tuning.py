@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fedapps.compare import Comparison, RunResult
 from fedapps.config import CommandLine, exit_on_bad_input
 from fedapps.protocol.results import read_rounds
 
@@ -43,8 +44,9 @@ SETTINGS = {"num-clients": 20, "partitioner": "dirichlet", "alpha-label": 0.5,
             "alpha-size": 10.0, "num-rounds": 100, "local-epochs": 2, "eval-every": 5}
 
 
-def auto(pooling: float, rule: str, warmup: int, init: str = "local-best") -> dict[str, Any]:
-    """Auto-tuned FedMe with every tuning key spelled out (app defaults may change)."""
+def auto(pooling: float, rule: str, warmup: float, init: str = "local-best") -> dict[str, Any]:
+    """Auto-tuned FedMe with every tuning key spelled out (app defaults may change); ``warmup``
+    is a share of the rounds."""
     return {"method": "fedme", "fedme.init-arch": init,
             "fedme.candidate-models": ",".join(CANDIDATES), "fedme.local-best-pooling": pooling,
             "fedme.adoption-rule": rule, "fedme.adoption-warmup": warmup,
@@ -53,19 +55,25 @@ def auto(pooling: float, rule: str, warmup: int, init: str = "local-best") -> di
 
 VARIANTS: dict[str, dict[str, Any]] = {
     **{f"fedme-{name}": {"method": "fedme", "fedme.init-arch": name} for name in CANDIDATES},
+    "fedme-auto-default": {"method": "fedme"},  # whatever pyproject.toml makes the default
     "fedme-auto-paper": auto(0, "loss", 0),
     "fedme-auto-accuracy": auto(0, "accuracy", 0),
-    "fedme-auto-warmup": auto(0, "loss", 20),
+    "fedme-auto-warmup": auto(0, "loss", 0.2),
     "fedme-auto-pooled": auto(50, "loss", 0),
     "fedme-auto-pooled-accuracy": auto(50, "accuracy", 0),
-    "fedme-auto-pooled-warmup": auto(50, "loss", 20),
+    "fedme-auto-pooled-warmup": auto(50, "loss", 0.2),
     "fedme-auto-population": auto(50, "population", 0),
-    "fedme-auto-population-warmup": auto(50, "population", 10),
-    "fedme-auto-spread": auto(0, "loss", 25, init="spread"),
-    "fedme-auto-spread-population": auto(0, "population", 25, init="spread"),
-    "fedme-auto-spread-w50": auto(0, "loss", 50, init="spread"),
+    "fedme-auto-population-warmup": auto(50, "population", 0.1),
+    "fedme-auto-spread": auto(0, "loss", 0.25, init="spread"),
+    "fedme-auto-spread-population": auto(0, "population", 0.25, init="spread"),
+    "fedme-auto-spread-w50": auto(0, "loss", 0.5, init="spread"),
     "fedavg-ft": {"method": "fedavg", "model": "cnn2"},
+    # the paper's other baselines (Table 4), on the model every baseline uses
+    **{name: {"method": name, "model": "cnn2"}
+       for name in ("local", "centralized", "hypcluster", "mapper", "fml", "pfedme")},
 }
+TABLE_4 = ["local", "centralized", "fedavg-ft", "hypcluster", "mapper", "fml", "pfedme",
+           "fedme-auto-default", *(f"fedme-{name}" for name in CANDIDATES)]
 
 
 def one_run(job: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
@@ -79,6 +87,7 @@ def one_run(job: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
     started = time.perf_counter()
     folder = run_in_process(settings)
     summary = json.loads((folder / "summary.json").read_text())
+    reported = summary.get("reported", "after-finetune")  # the paper's figure for the method
     rows = read_rounds(folder)
     pairs: Counter[str] = Counter()
     for row in rows:
@@ -86,8 +95,11 @@ def one_run(job: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
     return {
         "variant": variant, "dataset": dataset, "seed": seed, "folder": str(folder),
         "wall-s": time.perf_counter() - started,
-        "accuracy": summary["after-finetune"]["mean"],
-        "client-sd": summary["after-finetune"]["sd"],
+        "accuracy": summary[reported]["mean"],
+        "client-sd": summary[reported]["sd"],
+        "summary": {key: summary[key] for key in ("reported", "rounds", "before-finetune",
+                                                   "after-finetune", "architectures")
+                    if key in summary},
         "initial": Counter(summary.get("initial-architectures", {}).values()),
         "final": Counter(summary.get("architectures", {}).values()),
         "adoption-pairs": {k: v for k, v in pairs.items() if k.split(">")[0] != k.split(">")[1]},
@@ -188,6 +200,21 @@ def _counts(counters: list[Counter[str]]) -> str:
     return " / ".join(f"{n} {np.mean([c.get(n, 0) for c in counters]):.1f}" for n in names)
 
 
+def comparison_of(runs: list[dict[str, Any]], dataset: str, variants: list[str]) -> Comparison:
+    """One data set's runs as a :class:`fedapps.compare.Comparison` (tables, curves, plots;
+    the notebook loads it with ``Comparison.load``). Runs recorded before the records kept
+    their summary carry the reported figure only."""
+    results = []
+    for run in (r for r in runs if r["dataset"] == dataset and r["variant"] in variants):
+        figures = {"mean": run["accuracy"], "sd": run["client-sd"]}
+        summary = run.get("summary") or {"after-finetune": figures}
+        results.append(RunResult(run["variant"], run["seed"], run["wall-s"], Path(run["folder"]),
+                                 summary, [{"round": r, "accuracy": a}
+                                           for r, a in run["accuracy-by-round"]]))
+    labels = [v for v in variants if any(r.label == v for r in results)]
+    return Comparison(labels, results)
+
+
 def plot_architectures(runs: list[dict[str, Any]], dataset: str, out: Path,
                        variants: list[str]) -> Path | None:
     """Clients per architecture over rounds, mean over seeds, one panel per auto variant that
@@ -266,6 +293,8 @@ def main() -> int:
         print(f"\n## {dataset}\n{table}")
         if plot := plot_architectures(runs, dataset, args.out, args.variants):
             print(f"plot: {plot}")
+        saved = comparison_of(runs, dataset, args.variants).save(args.out / dataset)
+        print(f"comparison (Comparison.load): {saved['runs.json'].parent}")
     (args.out / "fedme_tuning.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\ntotal {time.perf_counter() - started:.0f}s with {args.jobs} jobs")
     for line in failed:  # the tables above leave these runs out: say so last, and fail

@@ -27,6 +27,9 @@ workload's model, so the FLOP count of a round is known exactly. Per run it prin
 ``--fraction-train F`` lets F of the clients train each round (every client is evaluated); with
 ``RAY_ADDRESS`` set, the runs join that Ray cluster (docs/ray-cluster.md).
 
+Each run goes the launcher's whole Flower path (``--engine flower``, the default: ``flwr run``
+on a local SuperLink, as ``python -m fedapps.launch`` and ``make run`` do); the process-tree
+memory then misses the detached SuperLink and its simulation, which the machine's growth holds.
 ``--engine in-process`` runs the same server and client handlers without Flower, one client at
 a time (the GPU check: Ray is not available there). Results go to ``--out`` (JSON).
 """
@@ -54,12 +57,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedapps import training
-from fedapps.config import CommandLine, exit_on_bad_input, method_uses
+from fedapps.config import CommandLine, exit_on_bad_input, method_uses, resolve
 from fedapps.inprocess import run_in_process
+from fedapps.launch import run_experiment
 from fedapps.methods.fedme.strategy import clustered_count
 from fedapps.models import build_model
 from fedapps.protocol.results import read_rounds
-from fedapps.simulation import simulate
 
 OUT = Path(__file__).parent / "results"
 EPOCHS, BATCH = 2, 20
@@ -341,12 +344,20 @@ def own_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
             if method_uses(str(settings["method"]), key)}
 
 
+def launched(settings: Mapping[str, Any]) -> Path:
+    """One run as ``python -m fedapps.launch`` runs it (``flwr run``, a local SuperLink)."""
+    outcome = run_experiment(resolve(None, settings))
+    if outcome.code:
+        raise RuntimeError(outcome.reason)
+    return outcome.folders[-1]
+
+
 def execute(settings: Mapping[str, Any], engine: str) -> tuple[Path, float, PeakMemory]:
     """One run: results folder, wall seconds, its memory."""
     settings = own_keys(settings)
     started = time.perf_counter()
     with PeakMemory() as memory:
-        folder = simulate(settings) if engine == "flower" else run_in_process(settings)
+        folder = launched(settings) if engine == "flower" else run_in_process(settings)
     return folder, time.perf_counter() - started, memory
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pandas is imported on use: only the tables need it
 
 MethodSpec = str | tuple[str, Mapping[str, Any]]
 FIELDS = ("before-finetune", "after-finetune")
+CURVE_KEYS = ("round", "time", "accuracy")  # what a saved comparison keeps of each round
 
 
 @dataclass
@@ -155,8 +156,32 @@ class Comparison:
         fig.tight_layout()
         return fig
 
+    def only(self, labels: Sequence[str]) -> Comparison:
+        """The same runs, the rows ``labels`` only (e.g. Table 5's variants of a larger run)."""
+        missing = [label for label in labels if label not in self.labels]
+        if missing:
+            raise ValueError(f"no runs labelled {missing}; known: {self.labels}")
+        return Comparison(list(labels), [r for r in self.runs if r.label in labels])
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Comparison:
+        """A comparison written by :meth:`save` (e.g. a benchmark's stored multi-seed runs),
+        with its tables, curves and plots, without running anything."""
+        path = Path(folder) / "runs.json"
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a saved comparison ({error})") from None
+        if any("summary" not in run for run in stored):
+            raise ValueError(f"{path} was saved without the runs' summaries; save it again")
+        runs = [RunResult(r["method"], r["seed"], r["wall-s"],
+                          Path(r["folder"]) if r["folder"] else None, r["summary"],
+                          r["rounds"], r["error"]) for r in stored]
+        return cls(list(dict.fromkeys(r.label for r in runs)), runs)
+
     def save(self, folder: str | Path) -> dict[str, Path]:
-        """Write table.md, table.csv, curves.csv, runs.json and accuracy_by_round.png."""
+        """Write table.md, table.csv, curves.csv, runs.json (every run with its summary and
+        accuracy by round: :meth:`load` reads it back) and accuracy_by_round.png."""
         import matplotlib.pyplot as plt
 
         folder = Path(folder)
@@ -168,7 +193,9 @@ class Comparison:
         self.curves.to_csv(paths["curves.csv"], index=False)
         paths["runs.json"].write_text(json.dumps(
             [{"method": r.label, "seed": r.seed, "wall-s": r.wall_s, "error": r.error,
-              "folder": str(r.folder) if r.folder else None} for r in self.runs], indent=2))
+              "folder": str(r.folder) if r.folder else None, "summary": r.summary,
+              "rounds": [{key: row[key] for key in CURVE_KEYS if key in row} for row in r.rounds]}
+             for r in self.runs], indent=1))
         fig = self.plot()
         fig.savefig(paths["accuracy_by_round.png"], dpi=120)
         plt.close(fig)

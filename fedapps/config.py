@@ -135,8 +135,9 @@ class RunConfig(BaseModel):
                                                     "fedme", "adoption-rule")
     adoption_margin: float = option(0.0, "how much better the exchange model must be", "fedme",
                                     "adoption-margin", ge=0)
-    adoption_warmup: int = option(0, "rounds in which only the own architecture is adopted",
-                                  "fedme", "adoption-warmup", ge=0)
+    adoption_warmup: float = option(0.0, "share of num-rounds, from round 1, in which only the "
+                                    "own architecture is adopted", "fedme", "adoption-warmup",
+                                    ge=0, lt=1)
     dml_kl_weight: float = option(1.0, "weight of the KL term of mutual learning", "fedme",
                                   "dml-kl-weight", ge=0)
     cluster_schedule: str = option("paper", "'paper' (K 1->4) or 'round:k,...'", "fedme",
@@ -144,7 +145,7 @@ class RunConfig(BaseModel):
     cluster_on: Literal["softmax", "logits"] = option("softmax", "model outputs k-means uses",
                                                       "fedme", "cluster-on")
     kmeans_restarts: int = option(10, "k-means++ restarts", "fedme", "kmeans-restarts", ge=1)
-    cluster_pool_size: int = option(0, "pool samples the models are clustered on, drawn once "
+    cluster_pool_size: int = option(200, "pool samples the models are clustered on, drawn once "
                                     "(0: the whole pool)", "fedme", "cluster-pool-size", ge=0)
     aggregation_weighting: Literal["uniform", "samples"] = option(
         "uniform", "weights of eq. 8 averaging", "fedme", "aggregation-weighting")
@@ -385,7 +386,8 @@ def one_line(error: ValidationError, values: Mapping[str, Any]) -> str:
               "less_than": "< {lt}", "less_than_equal": "<= {le}"}
     if kind in bounds:
         limits = {name: f"{limit:g}" for name, limit in context.items()}
-        return f"{key}={value!r}: must be {bounds[kind].format(**limits)}"
+        meaning = f" ({field.description})" if field and field.description else ""
+        return f"{key}={value!r}: must be {bounds[kind].format(**limits)}{meaning}"
     expected = {"int": "an integer", "float": "a number", "string": "a string"}
     for prefix, wanted in expected.items():
         if kind.startswith(prefix):

@@ -51,7 +51,10 @@ from fedapps.methods.distill.channel import open_channel
 from fedapps.protocol.results import ERROR_LOG, FAILED, MISSING, run_status
 from fedapps.server import prepare
 
-LOCAL_CONNECTION = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+# The launch's own SuperLink keeps its state in memory: it lives for this launch only, and no
+# message (models included) goes through an on-disk database.
+LOCAL_CONNECTION = ('[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                    'address = ":local-in-memory:"\n')
 LAUNCHES = PROJECT / ".flwr" / "launches"  # one FLWR_HOME per launch, removed afterwards
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 STOP_GRACE_S = 5.0

@@ -40,7 +40,8 @@ class AdoptionRule:
     ``margin``: how much better the exchange model must be (loss units for ``loss``, a fraction
     of the validation set for ``accuracy``). ``warmup``: rounds ``1..warmup`` allow adopting a
     model of the client's own architecture only, so structures are compared once the models
-    are trained rather than by how fast they learn from scratch.
+    are trained rather than by how fast they learn from scratch. The config gives it as a share
+    of the run (``fedme.adoption-warmup``), so it scales with ``num-rounds``.
     """
 
     rule: str = "loss"
@@ -49,7 +50,8 @@ class AdoptionRule:
 
     @classmethod
     def of(cls, config: RunConfig) -> AdoptionRule:
-        return cls(config.adoption_rule, config.adoption_margin, config.adoption_warmup)
+        return cls(config.adoption_rule, config.adoption_margin,
+                   warmup_rounds(config.adoption_warmup, config.num_rounds))
 
     def __post_init__(self) -> None:
         if self.rule not in ADOPTION_RULES:
@@ -83,6 +85,11 @@ class AdoptionRule:
             return True
         gain = structure_gain(evidence, current, other)
         return gain is not None and gain > self.margin
+
+
+def warmup_rounds(share: float, num_rounds: int) -> int:
+    """Rounds ``1..N`` of a warm-up that takes ``share`` of a ``num_rounds`` run (rounded)."""
+    return round(share * num_rounds)
 
 
 # Weight of the older evidence when a round brings new comparisons (about 5 rounds' memory).

@@ -60,6 +60,18 @@ def test_warmup_blocks_structure_changes_only():
     assert rule.adopt(SMALL_BUT_WORSE, LARGE_AND_BETTER, same_arch=False, server_round=6)
 
 
+@pytest.mark.parametrize(("share", "num_rounds", "rounds"),
+                         [(0.25, 100, 25), (0.25, 40, 10), (0.25, 20, 5), (0.0, 100, 0)])
+def test_the_warmup_is_a_share_of_the_run(share, num_rounds, rounds):
+    config = RunConfig.from_mapping({"num-rounds": num_rounds, "fedme.adoption-warmup": share})
+    assert AdoptionRule.of(config).warmup == rounds
+
+
+def test_a_warmup_in_rounds_is_refused_with_the_share_it_means():
+    with pytest.raises(ConfigError, match=r"fedme.adoption-warmup=25: must be < 1"):
+        RunConfig.from_mapping({"fedme.adoption-warmup": 25})
+
+
 def test_population_evidence_cancels_the_home_advantage():
     """Every client prefers its own model by 0.2; cnn2 is truly 0.1 better than cnn1."""
     comparisons = [("cnn1", "cnn2", -0.2 + 0.1)] * 3 + [("cnn2", "cnn1", -0.2 - 0.1)] * 2
