@@ -21,6 +21,7 @@ from fedapps.data.federated import (
     save_partition,
     server_pool,
 )
+from fedapps.privacy import report_line
 from fedapps.protocol.discovery import ROSTER, discover_clients, write_roster
 from fedapps.protocol.results import RunRecorder
 from fedapps.registry import METHODS
@@ -49,6 +50,9 @@ def run(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None
     summary = {"num-clients": len(clients) or num_clients, "rounds": config.num_rounds,
                **method.run(grid, config, clients, recorder)}
     recorder.write_summary(summary)
+    if recorder.privacy is not None:
+        print(f"fedapps: privacy: {report_line(recorder.privacy)}; "
+              f"{recorder.folder / 'privacy.json'}", flush=True)
     after = summary.get("after-finetune")
     accuracy = (f"; accuracy {after['mean']:.4f} ± {after['sd']:.4f} over clients"
                 if after else "")

@@ -244,7 +244,7 @@ class FedMe(ResumableStrategy):
     def _train_message(self, pid: int, server_round: int, config: ConfigRecord) -> Message:
         own, other = self.models[pid], self.models[self.partner[pid]]
         content = RecordDict({
-            "config": config_record(self.config),
+            "config": config_record(self.config, **{"server-round": server_round}),
             "fedme": ConfigRecord({
                 "server-round": server_round,
                 "personal-arch": own.arch,
