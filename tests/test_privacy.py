@@ -19,8 +19,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedapps import privacy
 from fedapps.config import ConfigError, RunConfig
-from fedapps.inprocess import run_in_process
-from fedapps.protocol.dp import CentralNoise, privacy_mod
+from fedapps.inprocess import InProcessGrid, run_in_process
+from fedapps.methods.distill.averaging import HookedFedAvg
+from fedapps.protocol.dp import CentralNoise, central_noise, privacy_mod
 from fedapps.protocol.messages import config_record, new_model
 from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
@@ -164,6 +165,32 @@ def test_central_dp_clients_clip_with_flowers_mod_and_the_server_adds_the_noise(
     again, _ = CentralNoise(config).noised_mean(2, replies)
     assert all(np.array_equal(a, b) for a, b in
                zip(again.to_numpy_ndarrays(), noised.to_numpy_ndarrays()))
+
+
+def test_the_averaging_server_hands_on_only_the_noised_average():
+    """The async/sync schemes' hook (publishing to the distillation server) runs after the
+    noise: it must never see the plain mean."""
+    config = RunConfig.from_mapping({**SMALL, "method": "async-distill",
+                                     "privacy.mode": "central", "privacy.noise-multiplier": 2.0})
+    published = []
+    strategy = HookedFedAvg({0: 1, 1: 2, 2: 3}, before=lambda r, arrays: arrays,
+                            after=lambda r, arrays, info: published.append(arrays),
+                            arch="cnn1", central_dp=central_noise(config))
+    received = model_arrays(config, seed=1)
+    messages = list(strategy.configure_train(1, received, config_record(config),
+                                             InProcessGrid(3)))
+    assert all(m.content["config"][KEY_CLIPPING_NORM] == 1.0 for m in messages)
+    replies = [train_reply(m, {"arrays": moved(received, 0.5, seed=i)}) for i, m in
+               enumerate(messages)]
+    for pid, reply in enumerate(replies):
+        reply.content["metrics"] = MetricRecord({"partition-id": pid, "num-examples": 10 + pid,
+                                                 "train-loss": 1.0, "train-s": 0.1})
+    strategy.aggregate_train(1, replies)
+    expected, sd = CentralNoise(config).noised_mean(1, replies)
+    [arrays] = published
+    assert all(np.array_equal(a, b) for a, b in
+               zip(arrays.to_numpy_ndarrays(), expected.to_numpy_ndarrays()))
+    assert strategy.round_record()[privacy.NOISE_SD_KEY] == sd == pytest.approx(2.0 / 3)
 
 
 # ------------------------------------------------------------------------------ accounting
