@@ -248,8 +248,7 @@ class FedMe(ResumableStrategy):
             "fedme": ConfigRecord({
                 "server-round": server_round,
                 "personal-arch": own.arch,
-                "exchange-arch": other.arch,
-                "exchange-owner": self.partner[pid],
+                "exchange-arch": other.arch,  # not its owner: the client needs no name
             }),
             "personal": ArrayRecord(own.model.state_dict()),
             "exchange": ArrayRecord(other.model.state_dict()),
