@@ -324,19 +324,15 @@ class RunConfig(BaseModel):
 
     def _privacy_keys_are_used(self) -> None:
         """A privacy key set while its option is off would protect nothing: say so."""
-        off = {"noise-multiplier": self.privacy_mode == "none",
-               "target-epsilon": self.privacy_mode == "none",
-               "clip-norm": self.privacy_mode == "none",
-               "delta": self.privacy_mode == "none",
-               "secagg-shares": not self.privacy_secagg,
-               "secagg-threshold": not self.privacy_secagg}
-        for key, unused in off.items():
-            field = type(self).model_fields["privacy_" + key.replace("-", "_")]
-            value = getattr(self, "privacy_" + key.replace("-", "_"))
-            if unused and value != field.default:
-                switch = ("privacy.secagg=0" if key.startswith("secagg")
-                          else "privacy.mode='none'")
-                raise ConfigError(f"privacy.{key}={value!r} has no effect with {switch}")
+        no_dp, no_secagg = self.privacy_mode == "none", not self.privacy_secagg
+        unused = {"privacy_noise_multiplier": no_dp, "privacy_target_epsilon": no_dp,
+                  "privacy_clip_norm": no_dp, "privacy_delta": no_dp,
+                  "privacy_secagg_shares": no_secagg, "privacy_secagg_threshold": no_secagg}
+        for name, off in unused.items():
+            field, value = type(self).model_fields[name], getattr(self, name)
+            if off and value != field.default:
+                switch = "privacy.secagg=0" if "secagg" in name else "privacy.mode='none'"
+                raise ConfigError(f"{field.alias}={value!r} has no effect with {switch}")
 
     def _differential_privacy_is_meaningful(self) -> None:
         mode = f"privacy.mode='{self.privacy_mode}'"
