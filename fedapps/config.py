@@ -32,17 +32,22 @@ ADOPTION_RULES = ("loss", "accuracy", "population")  # fedapps/tuning.py
 SERVER_FAULT = -1  # fault-injection's client number for the ServerApp itself
 ENGINE_METHODS = ("fedme", "fedavg", "hypcluster", "fml", "pfedme", "mapper")
 DISTILL_METHODS = ("async-distill", "async-averaging", "async-distillation", "sync-distill")
+# What each privacy option needs (docs/privacy.md says why the other methods cannot have it):
+# central DP and SecAgg+ an averaging server, local DP clients that send only model updates.
+CENTRAL_DP_METHODS = ("fedavg", *DISTILL_METHODS)
+SECAGG_METHODS = CENTRAL_DP_METHODS
+LOCAL_DP_METHODS = ("fedme", "fedavg", *DISTILL_METHODS)
 # Every method (fedapps/registry.py implements each) -> the sections of keys it reads.
 METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
-    "fedme": ("fedme",),
-    "fedavg": (),
+    "fedme": ("fedme", "privacy"),
+    "fedavg": ("privacy",),
     "local": (),
     "centralized": (),
     "hypcluster": ("hypcluster",),
     "fml": ("fml",),
     "pfedme": ("pfedme",),
     "mapper": ("mapper",),
-    **dict.fromkeys(DISTILL_METHODS, ("distill",)),
+    **dict.fromkeys(DISTILL_METHODS, ("distill", "privacy")),
 }
 # Shared keys only some methods honour: the others reject a non-default value.
 HONOURED_BY: dict[str, tuple[str, ...]] = {
@@ -204,6 +209,31 @@ class RunConfig(BaseModel):
     mapper_lambda_init: float = option(0.5, "initial weight of the local parameters", "mapper",
                                        "lambda-init", gt=0, lt=1)
 
+    # -------------------------------------------------------------- privacy (docs/privacy.md)
+    privacy_mode: Literal["none", "central", "local"] = option(
+        "none", "differential privacy: central (clients clip their update, the server noises the "
+        "average) or local (each client clips and noises what it sends)", "privacy", "mode")
+    privacy_noise_multiplier: float = option(
+        1.0, "noise SD / sensitivity (central: the clip norm C of the sum; local: 2C, one reply)",
+        "privacy", "noise-multiplier", ge=0)
+    privacy_target_epsilon: float = option(
+        0.0, "calibrate the noise to spend this epsilon over num-rounds (0: use noise-multiplier)",
+        "privacy", "target-epsilon", ge=0)
+    privacy_clip_norm: float = option(
+        1.0, "L2 bound C on each reply's model update (sent minus received, all its models)",
+        "privacy", "clip-norm", gt=0)
+    privacy_delta: float = option(1e-5, "delta of the (epsilon, delta) guarantee; < 1/num-clients",
+                                  "privacy", "delta", gt=0, lt=1)
+    privacy_secagg: Literal[0, 1] = option(
+        0, "1: Flower's SecAgg+: the server sees only the sum of the clients' models", "privacy",
+        "secagg")
+    privacy_secagg_shares: float = option(
+        1.0, "SecAgg+: share of the round's clients each client's key is split among", "privacy",
+        "secagg-shares", gt=0, le=1)
+    privacy_secagg_threshold: float = option(
+        0.5, "SecAgg+: share of those shares needed to unmask (more: safer, fewer dropouts)",
+        "privacy", "secagg-threshold", gt=0, le=1)
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -235,6 +265,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        self._privacy_is_possible()
         self._method_uses_every_key()
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
@@ -270,6 +301,56 @@ class RunConfig(BaseModel):
             if not method_uses(self.method, key) and getattr(self, name) != field.default:
                 raise ConfigError(f"{key}={getattr(self, name)!r}: method '{self.method}' "
                                   "does not use this key")
+
+    def _privacy_is_possible(self) -> None:
+        """Privacy options the method cannot give, and settings that give no privacy, are
+        errors: a run must never look protected when it is not."""
+        needs = {"privacy.mode='central'": (self.privacy_mode == "central", CENTRAL_DP_METHODS,
+                                            "an averaging server"),
+                 "privacy.mode='local'": (self.privacy_mode == "local", LOCAL_DP_METHODS,
+                                          "clients that reply only with updates of the models "
+                                          "they were sent"),
+                 "privacy.secagg=1": (bool(self.privacy_secagg), SECAGG_METHODS,
+                                      "an averaging server")}
+        for setting, (wanted, methods, what) in needs.items():
+            if wanted and self.method not in methods:
+                raise ConfigError(f"{setting} is not possible with method '{self.method}': it "
+                                  f"needs {what} (possible with: {', '.join(methods)}; "
+                                  "docs/privacy.md)")
+        self._privacy_keys_are_used()
+        if self.privacy_mode != "none":
+            self._differential_privacy_is_meaningful()
+        if self.privacy_secagg and self.num_clients * self.fraction_train < 2:
+            raise ConfigError(
+                f"privacy.secagg=1 needs at least 2 clients in every round; num-clients x "
+                f"fraction-train = {self.num_clients * self.fraction_train:g}")
+
+    def _privacy_keys_are_used(self) -> None:
+        """A privacy key set while its option is off would protect nothing: say so."""
+        no_dp, no_secagg = self.privacy_mode == "none", not self.privacy_secagg
+        unused = {"privacy_noise_multiplier": no_dp, "privacy_target_epsilon": no_dp,
+                  "privacy_clip_norm": no_dp, "privacy_delta": no_dp,
+                  "privacy_secagg_shares": no_secagg, "privacy_secagg_threshold": no_secagg}
+        for name, off in unused.items():
+            field, value = type(self).model_fields[name], getattr(self, name)
+            if off and value != field.default:
+                switch = "privacy.secagg=0" if "secagg" in name else "privacy.mode='none'"
+                raise ConfigError(f"{field.alias}={value!r} has no effect with {switch}")
+
+    def _differential_privacy_is_meaningful(self) -> None:
+        mode = f"privacy.mode='{self.privacy_mode}'"
+        default_noise = type(self).model_fields["privacy_noise_multiplier"].default
+        if self.privacy_target_epsilon and self.privacy_noise_multiplier != default_noise:
+            raise ConfigError("privacy.noise-multiplier and privacy.target-epsilon both set; give "
+                              "one (the noise follows from the target epsilon)")
+        if not self.privacy_target_epsilon and self.privacy_noise_multiplier == 0:
+            raise ConfigError(f"privacy.noise-multiplier=0 with {mode} adds no noise (epsilon is "
+                              "infinite); give a positive value or privacy.target-epsilon")
+        if self.privacy_delta * self.num_clients >= 1:
+            raise ConfigError(
+                f"privacy.delta={self.privacy_delta:g} >= 1/num-clients = "
+                f"{1 / self.num_clients:g}: such a delta allows revealing a whole client; "
+                "choose one well below it")
 
     def _devices_hold_the_data(self) -> None:
         """``dataset = "devices"``: no partition, and nothing on the server needs client data."""

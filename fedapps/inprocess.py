@@ -7,6 +7,7 @@ measure Flower's overhead and to run many accuracy runs side by side, one proces
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedapps import server
-from fedapps.client import HANDLERS
+from fedapps.client import ANSWERS
 from fedapps.config import RunConfig, app_defaults
 
 
@@ -43,10 +44,13 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None):
         replies = []
         for message in messages:
+            # Flower serializes each message: a client must not change what another receives
+            # (Flower's own SecAgg+ sends one record to every node and its mod edits it).
+            message.content = copy.deepcopy(message.content)
             kind, _, action = message.metadata.message_type.partition(".")
-            handler = HANDLERS[(kind, action)]
+            answer = ANSWERS[(kind, action)]
             try:
-                replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
+                replies.append(answer(message, self.contexts[message.metadata.dst_node_id]))
             except Exception as error:  # as Flower does: the client's error becomes its reply
                 reason = f"{type(error).__name__}: {error}"
                 replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),

@@ -23,6 +23,7 @@ from fedapps.data.federated import (
     save_partition,
     server_pool,
 )
+from fedapps.privacy import report_line
 from fedapps.protocol.discovery import ROSTER, discover_clients, write_roster
 from fedapps.protocol.results import RunRecorder, check_resumable, one_line_reason
 from fedapps.registry import METHODS
@@ -86,5 +87,7 @@ def run_method(grid: Grid, config: RunConfig, num_clients: int,
     summary = {"num-clients": len(clients) or num_clients, "rounds": config.num_rounds,
                **method.run(grid, config, clients, recorder)}
     recorder.write_summary(summary)
+    if recorder.privacy is not None:
+        print(f"fedapps: privacy: {report_line(recorder.privacy)}; "
+              f"{recorder.folder / 'privacy.json'}", flush=True)
     return summary
-

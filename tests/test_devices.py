@@ -147,8 +147,8 @@ def test_the_server_never_opens_a_device_file(tmp_path, monkeypatch):
             side = "clients" if getattr(inside_client, "active", False) else "server"
             opened[side].append(Path(args[0]).name)
 
-    monkeypatch.setattr(inprocess, "HANDLERS",
-                        {key: client_side(h) for key, h in inprocess.HANDLERS.items()})
+    monkeypatch.setattr(inprocess, "ANSWERS",
+                        {key: client_side(h) for key, h in inprocess.ANSWERS.items()})
     settings = device_run_config({**values, "results-dir": str(tmp_path / "r")}, folder)
     nodes = device_node_configs(folder)
     sys.addaudithook(audit)  # cannot be removed; it records nothing outside this test's folder

@@ -152,7 +152,7 @@ def mutual_message(config, personal, exchange, personal_arch, exchange_arch):
     content = RecordDict({
         "config": config_record(config),
         "fedme": ConfigRecord({"server-round": 1, "personal-arch": personal_arch,
-                               "exchange-arch": exchange_arch, "exchange-owner": 1}),
+                               "exchange-arch": exchange_arch}),
         "personal": to_arrays(personal),
         "exchange": to_arrays(exchange),
     })

@@ -17,7 +17,7 @@ LAYERS = [
      "fedapps.data.partition", "fedapps.data.shapes", "fedapps.data.flwr_partitioner"),
     ("fedapps.config",),
     ("fedapps.data.federated",),
-    ("fedapps.training", "fedapps.tuning"),
+    ("fedapps.training", "fedapps.tuning", "fedapps.privacy"),
     ("fedapps.protocol",),
     ("fedapps.methods",),
     ("fedapps.registry",),

@@ -3,8 +3,11 @@
 Server half: Flower's FedAvg would average whatever arrives; on real devices a reply may carry
 arrays of the wrong shape or NaNs, so replies are screened by the round engine
 (:func:`fedapps.protocol.engine.screen`) against the model that was sent, and a round with fewer
-than ``min-replies`` usable replies keeps the previous model. Client half: :func:`train_global`,
-a local update of the shared model (the async and sync distillation schemes use it too).
+than ``min-replies`` usable replies keeps the previous model. With ``privacy.mode = "central"``
+the average is uniform over the clients' clipped updates and noised before anyone sees it; with
+``privacy.secagg = 1`` the train phase runs through Flower's SecAgg+ (docs/privacy.md). Client
+half: :func:`train_global`, a local update of the shared model (the async and sync distillation
+schemes use it too).
 """
 
 from __future__ import annotations
@@ -21,24 +24,29 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedapps import training
 from fedapps.config import RunConfig
+from fedapps.privacy import NOISE_SD_KEY
 from fedapps.protocol import engine
+from fedapps.protocol.dp import CentralNoise, central_noise
 from fedapps.protocol.engine import ResumableStrategy, run_rounds
 from fedapps.protocol.evaluation import final_evaluation, per_client
 from fedapps.protocol.messages import check_state, config_record, from_arrays, new_model
 from fedapps.protocol.method import Method
 from fedapps.protocol.node import generator, injected_fault, optim_of, outgoing, reply, setup
 from fedapps.protocol.results import RunRecorder
+from fedapps.protocol.secagg import secure_grid
 
 
 class RecordedFedAvg(FedAvg, ResumableStrategy):
-    """Flower's FedAvg whose replies are screened and whose rounds are recorded."""
+    """Flower's FedAvg whose replies are screened and whose rounds are recorded; with
+    ``central_dp`` its average is :class:`fedapps.protocol.dp.CentralNoise`'s."""
 
     def __init__(self, node_of: Mapping[int, int], arch: str, min_replies: int = 1,
-                 **kwargs) -> None:
+                 central_dp: CentralNoise | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.node_of = dict(node_of)
         self.arch = arch
         self.min_replies = min_replies
+        self.central_dp = central_dp
         self.sent: ArrayRecord | None = None
         self.round_info: dict[str, Any] = {}
         self.record: dict[str, Any] = {}
@@ -47,6 +55,8 @@ class RecordedFedAvg(FedAvg, ResumableStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.sent = arrays
+        if self.central_dp is not None:
+            self.central_dp.ask_clients_to_clip(config)
         return self._to_clients(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(
@@ -76,7 +86,12 @@ class RecordedFedAvg(FedAvg, ResumableStrategy):
             return None, None
         usable = list(screened.accepted.values())
         started = time.perf_counter()
-        result = super().aggregate_train(server_round, usable)
+        if self.central_dp is None:
+            result = super().aggregate_train(server_round, usable)
+        else:
+            noised, self.round_info[NOISE_SD_KEY] = self.central_dp.noised_mean(server_round,
+                                                                                 usable)
+            result = noised, None
         self.round_info.update({
             "train-loss": float(np.mean(list(per_client(usable, "train-loss").values()))),
             "client-train-s": round(sum(per_client(usable, "train-s").values()), 4),
@@ -120,10 +135,11 @@ def run_fedavg(grid: Grid, config: RunConfig, clients: dict[int, dict[str, Any]]
         min_train_nodes=min(2, len(clients)),
         min_evaluate_nodes=1,
         min_available_nodes=1,
+        central_dp=central_noise(config),
     )
     torch.manual_seed(config.seed)
     initial = ArrayRecord(new_model(config.model, config).state_dict())
-    arrays = run_rounds(strategy, grid, config, recorder, initial,
+    arrays = run_rounds(strategy, secure_grid(grid, config, clients), config, recorder, initial,
                         config_record(config), config_record(config))
     return final_evaluation(grid, config, clients, dict.fromkeys(clients, (config.model, arrays)))
 

@@ -8,7 +8,9 @@ strategy hooks (configure/aggregate train and evaluate) and adds, for every meth
   ``rounds.jsonl`` by the engine, not by the strategy;
 - a checkpoint every ``checkpoint-every`` rounds (write-then-rename: never half-written) and, when
   one is there, resume after its round with the saved strategy state, global arrays and RNG
-  state, so a resumed run ends exactly like an uninterrupted one.
+  state, so a resumed run ends exactly like an uninterrupted one;
+- the privacy ledger (:class:`fedapps.privacy.PrivacyLedger`): the noised releases of every
+  round, and at the end the (epsilon, delta) spent, in ``privacy.json`` and the summary.
 
 Strategies accept replies through :func:`screen` (an error reply, a reply that does not unpack,
 or arrays of the wrong shape or with NaN/inf are rejected and logged with the client's partition;
@@ -33,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedapps.config import SERVER_FAULT, RunConfig
+from fedapps.privacy import PrivacyLedger
 from fedapps.protocol.messages import BadModelError, error_summary, in_partition_order
 from fedapps.protocol.results import RunRecorder
 
@@ -170,12 +173,15 @@ def run_rounds(
     """Rounds ``first_round..num-rounds`` (or the rest, after a checkpoint); returns the final
     arrays (strategies that keep one model per client return empty arrays)."""
     arrays = arrays if arrays is not None else ArrayRecord()
+    ledger = PrivacyLedger(config)
+    pid_of = {node: pid for pid, node in strategy.node_of.items()}
     checkpoint = load_checkpoint(recorder.folder)
     if checkpoint is not None:
         first_round = checkpoint["round"] + 1
         if checkpoint["arrays"]:
             arrays = ArrayRecord(checkpoint["arrays"])
         strategy.load_state_dict(checkpoint["strategy"])
+        ledger.load_state_dict(checkpoint["privacy"])
         random.setstate(checkpoint["random"])
         recorder.resume_after(checkpoint["round"])
         print(f"fedapps: resuming {recorder.folder} after round {checkpoint['round']}", flush=True)
@@ -183,11 +189,11 @@ def run_rounds(
         if config.faults().get((SERVER_FAULT, server_round)) == "error":
             raise RuntimeError(f"fault-injection: the server fails in round {server_round}")
         recorder.begin_round()
-        messages = list(strategy.configure_train(server_round, arrays,
-                                                 train_config or ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        trained = list(strategy.configure_train(server_round, arrays,
+                                                train_config or ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(trained, timeout=config.round_timeout))
         phase = f"round {server_round}"
-        silent = silent_clients(phase, messages, replies, strategy.node_of, config.round_timeout)
+        silent = silent_clients(phase, trained, replies, strategy.node_of, config.round_timeout)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
@@ -201,6 +207,8 @@ def run_rounds(
         strategy.aggregate_evaluate(server_round, replies)
         record = {**strategy.round_record(),
                   "evaluate-s": round(time.perf_counter() - evaluate_started, 4)}
+        ledger.record_round([pid_of[m.metadata.dst_node_id] for m in trained
+                             if m.metadata.dst_node_id in pid_of], record)
         recorder.log_round(server_round, **record, **({"no-reply": silent} if silent else {}))
         every = config.checkpoint_every
         if every and (server_round % every == 0 or server_round == config.num_rounds):
@@ -208,6 +216,8 @@ def run_rounds(
                 "round": server_round,
                 "arrays": arrays.to_torch_state_dict() if len(arrays) else {},
                 "strategy": strategy.state_dict(),
+                "privacy": ledger.state_dict(),
                 "random": random.getstate(),
             })
+    recorder.record_privacy(ledger.report())
     return arrays

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 
 from fedapps.config import RunConfig
@@ -20,7 +21,8 @@ from fedapps.data.federated import dataset_for
 from fedapps.models import build_model
 
 CONFIG_KEY = "config"
-ROUND_KEYS = ("server-round",)  # added to the config record by Flower's strategies
+# added to the config record by Flower's strategies (the round; central DP's clip norm)
+ROUND_KEYS = ("server-round", KEY_CLIPPING_NORM)
 
 
 class BadModelError(ValueError):

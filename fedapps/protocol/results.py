@@ -2,7 +2,8 @@
 
 ``results/<method>-<dataset>-<timestamp>/`` holds ``config.json`` (the resolved run config),
 ``rounds.jsonl`` (one JSON object per round, appended and flushed as the round ends, so a crash
-never leaves a half-written history), ``summary.json`` and ``accuracy.png``.
+never leaves a half-written history), ``summary.json``, ``accuracy.png`` and, when a privacy
+option is on, ``privacy.json`` (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunRecorder:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         self.round_started: float | None = None
+        self.privacy: dict[str, Any] | None = None
         config_path = self.folder / "config.json"
         write_json(config_path, config.to_dict())
 
@@ -71,11 +73,19 @@ class RunRecorder:
         print(progress_line(row, self.config.num_rounds), flush=True)
         return row
 
+    def record_privacy(self, report: Mapping[str, Any] | None) -> None:
+        """What the privacy options protected and spent (``None``: none was on): written to
+        ``privacy.json`` now and into the summary at the end."""
+        if report is not None:
+            self.privacy = dict(report)
+            write_json(self.folder / "privacy.json", self.privacy)
+
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         path = self.folder / "summary.json"
+        privacy = {"privacy": self.privacy} if self.privacy is not None else {}
         write_json(path, {"status": COMPLETED, "method": self.config.method,
                           "dataset": self.config.dataset,
-                          "wall-time-s": round(self.elapsed(), 2), **summary})
+                          "wall-time-s": round(self.elapsed(), 2), **summary, **privacy})
         plot_run(self.folder)
         plot_architectures(self.folder)
         return path

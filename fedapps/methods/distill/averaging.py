@@ -38,9 +38,11 @@ from fedapps.methods.distill.distillation import (
     serve,
 )
 from fedapps.methods.fedavg import RecordedFedAvg
+from fedapps.protocol.dp import central_noise
 from fedapps.protocol.engine import run_rounds
 from fedapps.protocol.messages import config_record, from_arrays, to_arrays
 from fedapps.protocol.results import RunRecorder
+from fedapps.protocol.secagg import secure_grid
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -92,14 +94,15 @@ def fedavg_rounds(
     before: BeforeRound, after: AfterRound, first_round: int = 1,
 ) -> None:
     """FedAvg rounds ``first_round..num-rounds`` of ``config.model`` on the round engine (no
-    client evaluation)."""
+    client evaluation); central DP and SecAgg+ as for the ``fedavg`` method (docs/privacy.md):
+    ``after`` sees the noised average only."""
     count = len(clients)
     strategy = HookedFedAvg({pid: info["node"] for pid, info in clients.items()}, before, after,
                             config.model, config.min_replies, fraction_train=config.fraction_train,
                             min_train_nodes=max(1, round(config.fraction_train * count)),
-                            min_available_nodes=count)
-    run_rounds(strategy, grid, config, recorder, initial, config_record(config),
-               first_round=first_round)
+                            min_available_nodes=count, central_dp=central_noise(config))
+    run_rounds(strategy, secure_grid(grid, config, clients), config, recorder, initial,
+               config_record(config), first_round=first_round)
 
 
 def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,

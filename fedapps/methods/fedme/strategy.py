@@ -244,12 +244,11 @@ class FedMe(ResumableStrategy):
     def _train_message(self, pid: int, server_round: int, config: ConfigRecord) -> Message:
         own, other = self.models[pid], self.models[self.partner[pid]]
         content = RecordDict({
-            "config": config_record(self.config),
+            "config": config_record(self.config, **{"server-round": server_round}),
             "fedme": ConfigRecord({
                 "server-round": server_round,
                 "personal-arch": own.arch,
-                "exchange-arch": other.arch,
-                "exchange-owner": self.partner[pid],
+                "exchange-arch": other.arch,  # not its owner: the client needs no name
             }),
             "personal": ArrayRecord(own.model.state_dict()),
             "exchange": ArrayRecord(other.model.state_dict()),
