@@ -6,7 +6,9 @@ from round 2 on, forward-distil the global model into the small model (every
 ``distill.forward-distill-every`` rounds; 0 = never, the "sync without forward distillation"
 variant), (2) clients train the small model, (3) FedAvg, (4) reverse-distil the averaged small
 model into the global model. Clients idle during (1) and (4); the server idles during (2).
-Same models, data, seeds and distillation code as the asynchronous scheme.
+Same models, data, seeds and distillation code as the asynchronous scheme. With
+``distill.time-budget-s`` it starts no round and no reverse pass once the budget is spent, and
+a reverse pass running then is cut there, as the asynchronous servers do.
 """
 
 from __future__ import annotations
