@@ -22,7 +22,7 @@ from fedapps.methods.distill.distillation import (
     server_data,
 )
 from fedapps.protocol.messages import from_arrays
-from tests.test_distill import FakeClock, config, trained_teacher
+from tests.test_distill import FakeClock, benchmark_module, config, trained_teacher
 
 # ------------------------------------------------------------------------- budget and grid
 
@@ -260,3 +260,41 @@ def test_the_averaging_server_takes_an_offer_only_if_the_check_passes_and_logs_i
     assert (fields["offer"]["version"], fields["offer"]["based-on"]) == (1, 2)
     assert offers.summary() == {"adoptions": int(offered_is_better), "offers": 1}
     assert offers.before_round(5, current_arrays) is current_arrays  # each offer once
+
+
+# ------------------------------------------------------------------------ the benchmark
+
+
+def test_time_to_target_counts_from_the_first_change_after_the_snapshot_before():
+    bench = benchmark_module()
+    # snapshots at 5.5 (0.3) and 20 (0.6); the model rested from 5 to 8 s, then changed in
+    # the passes 8-10 and 19-21 s; no grid point fell in the rest after 10 s, so the crossing
+    # lies in 8-20 s, not in the last pass only
+    run = {"points": [(0.0, 0.1), (5.5, 0.3), (20.0, 0.6)],
+           "passes": [{"kind": "reverse", "start": 3.0, "end": 5.0},
+                      {"kind": "forward", "start": 5.0, "end": 6.0},
+                      {"kind": "reverse", "start": 8.0, "end": 10.0},
+                      {"kind": "reverse", "start": 19.0, "end": 21.0}]}
+    assert bench.time_to(run, 0.5) == (20.0, 12.0)
+    assert bench.time_to(run, 0.2) == (5.5, 2.5)  # the pass 3-5 s was running after 0 s
+    assert bench.time_to(run, 0.05) == (0.0, 0.0)
+
+
+def test_equal_time_runs_get_the_baselines_duration_and_a_round_cap():
+    bench = benchmark_module()
+    baseline = {"points": [(0.0, 0.1), (233.7, 0.65)]}
+    assert bench.budget_changes("baseline", bench.BASELINE, None, 1000) == {}
+    assert bench.budget_changes("baseline", bench.FAST, baseline, 1000) == {
+        "distill.time-budget-s": 233.7, "num-rounds": 1000}
+    assert bench.budget_changes("120", bench.BASELINE, None, 500) == {
+        "distill.time-budget-s": 120.0, "num-rounds": 500}
+    assert bench.budget_changes("none", bench.OURS, baseline, 1000) == {}
+
+
+def test_top_targets_are_shares_of_the_baselines_lowest_final_accuracy():
+    bench = benchmark_module()
+    runs = {bench.BASELINE: [{"points": [(0.0, 0.1), (9.0, 0.75), (10.0, 0.70)]},
+                             {"points": [(0.0, 0.1), (9.0, 0.85), (10.0, 0.80)]}]}
+    # whole percents, rounded down: sync+forward reaches each on every seed
+    assert bench.choose_targets("top", runs) == [0.63, 0.66]  # of the lowest final, 0.70
+    assert bench.choose_targets("auto", runs) == [0.44, 0.6, 0.71]  # of the lowest best, 0.75
