@@ -191,6 +191,18 @@ class RunConfig(BaseModel):
                                          "distill", "global-test-fraction", gt=0, lt=1)
     snapshot_every_s: float = option(2.0, "global-model snapshot grid in seconds (0: passes)",
                                      "distill", "snapshot-every-s", ge=0)
+    snapshot_growth: float = option(
+        0.0, "grid steps grow to this share of the time since the start (0: fixed steps)",
+        "distill", "snapshot-growth", ge=0, lt=1)
+    time_budget_s: float = option(
+        0.0, "both servers stop this many seconds after the initial model (0: off; num-rounds "
+        "stays an upper bound)", "distill", "time-budget-s", ge=0)
+    validation_fraction: float = option(
+        0.0, "share of the server's held-out set kept out of the test, for the adoption check",
+        "distill", "validation-fraction", ge=0, lt=1)
+    adoption_check: Literal["none", "validation"] = option(
+        "none", "adopt every forward-distilled model, or only one more accurate than the current "
+        "one on the validation split", "distill", "adoption-check")
 
     # ----------------------------------------------- the paper's baselines (docs/comparison.md)
     hypcluster_k: int = option(2, "number of global models", "hypcluster", "k", ge=1)
@@ -292,7 +304,29 @@ class RunConfig(BaseModel):
                 f"method='{self.method}' runs one half of async-distill and needs "
                 "distill.channel-dir: the folder (on storage both servers reach) they share"
             )
+        self._validate_distill()
         return self
+
+    def _validate_distill(self) -> None:
+        """Distillation keys that only work together."""
+        if self.snapshot_growth and not self.snapshot_every_s:
+            raise ConfigError(f"distill.snapshot-growth={self.snapshot_growth}: needs "
+                              "distill.snapshot-every-s > 0 (the grid's first steps)")
+        if self.validation_fraction and self.global_test == "clients":
+            raise ConfigError(f"distill.validation-fraction={self.validation_fraction}: the "
+                              "validation split is carved from the server's held-out set; use "
+                              "distill.global-test='server'")
+        if self.adoption_check == "none":
+            return
+        if self.method == "sync-distill":
+            raise ConfigError("distill.adoption-check: method 'sync-distill' adopts every "
+                              "forward-distilled model (the paper's baseline); use 'none'")
+        if not self.forward_distill_every:
+            raise ConfigError(f"distill.adoption-check='{self.adoption_check}' needs "
+                              "distill.forward-distill-every > 0: no model is offered otherwise")
+        if not self.validation_fraction:
+            raise ConfigError(f"distill.adoption-check='{self.adoption_check}' needs "
+                              "distill.validation-fraction > 0: the split it checks on")
 
     def _method_uses_every_key(self) -> None:
         """A key the method cannot honour is an error, not a silent no-op."""

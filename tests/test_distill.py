@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from fedapps.config import ConfigError, RunConfig
 from fedapps.data.federated import client_data, dataset_for, partition_for
 from fedapps.methods.distill.averaging import HookedFedAvg
+from fedapps.methods.distill.budget import ORIGIN
 from fedapps.methods.distill.channel import DirectoryChannel
 from fedapps.methods.distill.distillation import (
     Distiller,
@@ -89,12 +90,17 @@ def test_distillation_server_stops_after_the_final_model_and_resumes_from_its_ch
     channel.publish("distilled", teacher, version=2)
     channel.publish("stop", {}, version=2)
     log = GlobalLog(tmp_path / "global.jsonl")
-    assert serve(cfg, channel, log) == {"distillation-passes": 1, "distilled-version": 2}
+    result = serve(cfg, channel, log)
+    assert (result["distillation-passes"], result["distilled-version"]) == (1, 2)
+    assert result["distillation-stopped-by"] == "final-model"
     assert channel.latest_version("forward") == 0  # the initial small model, published once
-    assert channel.latest("global").meta == {"distilled-version": 2}
+    origin = channel.latest("forward").meta[ORIGIN]
+    assert channel.latest("global").meta == {"distilled-version": 2, ORIGIN: origin}
     first = read_log(log.path)
     # restart: continues from the global checkpoint (same accuracy), then distils once more
-    assert serve(cfg, channel, log) == {"distillation-passes": 2, "distilled-version": 2}
+    result = serve(cfg, channel, log)
+    assert (result["distillation-passes"], result["distilled-version"]) == (2, 2)
+    assert channel.latest("global").meta[ORIGIN] == origin  # still the experiment's origin
     rows = read_log(log.path)
     assert rows[len(first)]["accuracy"] == pytest.approx(first[-1]["accuracy"])
     assert channel.latest_version("global") == 2 and channel.latest_version("forward") == 0
@@ -114,7 +120,7 @@ def serve_one_model_with_forward_passes(tmp_path) -> DirectoryChannel:
 def test_forward_models_are_offered_every_n_passes(tmp_path):
     channel = serve_one_model_with_forward_passes(tmp_path)
     offered = channel.latest("forward")
-    assert offered.version == 1 and offered.meta == {"based-on": 1}
+    assert offered.version == 1 and offered.meta["based-on"] == 1
 
 
 @pytest.mark.parametrize("first_step", [1, 0])
@@ -128,7 +134,7 @@ def test_first_small_model_is_the_forward_distilled_global_model_unless_skipped(
     channel.publish("stop", {}, version=1)
     serve(cfg, channel, GlobalLog(tmp_path / "global.jsonl"))
     first, fresh = channel.latest("forward"), initial_small_state(cfg)
-    assert first.version == 0 and first.meta == {"based-on": 0}
+    assert first.version == 0 and first.meta["based-on"] == 0
     initial_global = Distiller(cfg)  # the same seeded initial global model
     x = initial_global.unlabeled
     target = predict(initial_global.model, x, initial_global.device)
@@ -252,16 +258,18 @@ def test_snapshots_follow_the_time_grid_and_are_tested_after_the_run(tmp_path):
     cfg = config()
     distiller, clock = Distiller(cfg), FakeClock()
     log = GlobalLog(tmp_path / "global.jsonl", t0=100.0, every=1.0, clock=clock)
-    log.snapshot(distiller.model, 0, 0)
+    log.begin(distiller.model, 0, 0)
     step = log.watcher(version=3, passes=1)
     for t in (0.2, 0.6, 1.1, 1.5, 1.9, 2.3, 4.7, 4.8):  # steps of one pass
         clock.now = 100.0 + t
         step(distiller.model)
     clock.now = 105.0
     log.settle(distiller.model, 3, 1)  # end of a pass; the server then waits
-    log.settle(distiller.model, 3, 1)  # nothing changed since: no new snapshot
+    log.settle(distiller.model, 3, 1)  # nothing changed since: nothing more to keep
+    log.finish(distiller.model, 3, 1)  # the run ends: the resting model is the last snapshot
     assert list(read_log(log.path)) == []  # nothing tested while the run goes on
-    rows = log.test_snapshots(distiller)
+    assert log.test_snapshots(distiller)["snapshots-tested"] == 5
+    rows = read_log(log.path)
     assert [r["time"] for r in rows] == [0.0, 1.1, 2.3, 4.7, 5.0]
     assert [r["version"] for r in rows] == [0, 3, 3, 3, 3]
     assert rows[0]["accuracy"] == distiller.evaluate().accuracy

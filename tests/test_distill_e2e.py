@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from fedapps.config import RunConfig, app_defaults
+from fedapps.methods.distill.adoption import better
 from fedapps.methods.distill.averaging import run_async_distillation
 from fedapps.methods.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log
 from fedapps.protocol.results import RunRecorder, read_rounds
 from fedapps.simulation import simulate
+from fedapps.training import EvalResult
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +93,39 @@ def test_sync_distill_end_to_end():
     assert tests[0]["version"] == 0 and tests[-1]["version"] == 3
     assert tests[-1]["accuracy"] > tests[0]["accuracy"]
     assert [t["time"] for t in tests] == sorted(t["time"] for t in tests)
+
+
+ROUND_CAP = 500  # far more rounds than fit in the budgets below: only the budget can end them
+
+
+def test_a_time_budget_ends_both_servers_and_every_offer_is_checked(tmp_path):
+    folder = simulate({**SMALL, "results-dir": str(tmp_path), "method": "async-distill",
+                       "num-rounds": ROUND_CAP, "distill.mode": "continuous",
+                       "distill.time-budget-s": 8.0, "distill.forward-distill-every": 1,
+                       "distill.adoption-check": "validation",
+                       "distill.validation-fraction": 0.3})
+    summary = json.loads((folder / "summary.json").read_text())
+    # the averaging server (this run) and the distillation server (its child process, which
+    # wrote its own reason) both stopped at the budget
+    assert summary["stopped-by"] == "time-budget-s"
+    assert summary["distillation-stopped-by"] == "time-budget-s"
+    rounds = read_rounds(folder)
+    assert len(rounds) == summary["averaging-rounds"] < ROUND_CAP
+    assert summary["global-evaluations"] == summary["snapshots-tested"]
+    offers = [row["offer"] for row in rounds if "offer" in row]
+    assert offers and summary["offers"] == len(offers)
+    assert summary["adoptions"] == sum(offer["adopted"] for offer in offers)
+    for offer in offers:  # each decision follows from the two scores logged with it
+        candidate = EvalResult(offer["candidate-loss"], offer["candidate-accuracy"], 0)
+        current = EvalResult(offer["current-loss"], offer["current-accuracy"], 0)
+        assert offer["adopted"] is better(candidate, current)
+
+
+def test_sync_distill_stops_at_its_time_budget(tmp_path):
+    folder = simulate({**SMALL, "results-dir": str(tmp_path), "method": "sync-distill",
+                       "num-rounds": ROUND_CAP, "distill.forward-distill-every": 1,
+                       "distill.time-budget-s": 5.0})
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["stopped-by"] == "time-budget-s"
+    assert len(read_rounds(folder)) == summary["averaging-rounds"] < ROUND_CAP
+    assert summary["global-evaluations"] == summary["snapshots-tested"]

@@ -169,9 +169,12 @@ def run_rounds(
     train_config: ConfigRecord | None = None,
     evaluate_config: ConfigRecord | None = None,
     first_round: int = 1,
+    stop: Callable[[], bool] | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round..num-rounds`` (or the rest, after a checkpoint); returns the final
-    arrays (strategies that keep one model per client return empty arrays)."""
+    arrays (strategies that keep one model per client return empty arrays). ``stop``, asked
+    before each round, ends the rounds early when it returns True (a spent time budget;
+    ``num-rounds`` is then an upper bound)."""
     arrays = arrays if arrays is not None else ArrayRecord()
     ledger = PrivacyLedger(config)
     pid_of = {node: pid for pid, node in strategy.node_of.items()}
@@ -186,6 +189,8 @@ def run_rounds(
         recorder.resume_after(checkpoint["round"])
         print(f"fedapps: resuming {recorder.folder} after round {checkpoint['round']}", flush=True)
     for server_round in range(first_round, config.num_rounds + 1):
+        if stop is not None and stop():
+            break
         if config.faults().get((SERVER_FAULT, server_round)) == "error":
             raise RuntimeError(f"fault-injection: the server fails in round {server_round}")
         recorder.begin_round()

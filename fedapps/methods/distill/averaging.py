@@ -3,8 +3,10 @@
 It only talks to the distillation server through the channel: it starts from the ``forward``
 model (the distillation server's initial distilled model), publishes every averaged model to
 ``distilled`` (version = round), adopts a newer ``forward`` model between rounds when the
-distillation server offers one (accuracy recovery, ``distill.forward-distill-every``), and finally
-publishes ``stop``. Reading the channel never blocks a round: it only looks at what is there.
+distillation server offers one (accuracy recovery, ``distill.forward-distill-every``; with
+``distill.adoption-check = validation`` only when it beats the current model, :mod:`.adoption`),
+stops after ``num-rounds`` or once ``distill.time-budget-s`` is spent, and finally publishes
+``stop``. Reading the channel never blocks a round: it only looks at what is there.
 
 Method runners (``fedapps/registry.py``):
 
@@ -17,6 +19,7 @@ Method runners (``fedapps/registry.py``):
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,11 +32,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedapps.config import RunConfig
+from fedapps.methods.distill.adoption import AdoptionCheck
+from fedapps.methods.distill.budget import ORIGIN, TimeBudget, stopped_by
 from fedapps.methods.distill.channel import ChannelTimeout, ModelChannel, open_channel
 from fedapps.methods.distill.distillation import (
     GLOBAL_LOG,
-    GlobalLog,
     global_summary,
+    log_for,
     read_log,
     serve,
 )
@@ -92,17 +97,59 @@ class HookedFedAvg(RecordedFedAvg):
 def fedavg_rounds(
     grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder, initial: ArrayRecord,
     before: BeforeRound, after: AfterRound, first_round: int = 1,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """FedAvg rounds ``first_round..num-rounds`` of ``config.model`` on the round engine (no
-    client evaluation); central DP and SecAgg+ as for the ``fedavg`` method (docs/privacy.md):
-    ``after`` sees the noised average only."""
+    client evaluation), ending early once ``stop()`` (asked before each round) is True; central
+    DP and SecAgg+ as for the ``fedavg`` method (docs/privacy.md): ``after`` sees the noised
+    average only."""
     count = len(clients)
     strategy = HookedFedAvg({pid: info["node"] for pid, info in clients.items()}, before, after,
                             config.model, config.min_replies, fraction_train=config.fraction_train,
                             min_train_nodes=max(1, round(config.fraction_train * count)),
                             min_available_nodes=count, central_dp=central_noise(config))
     run_rounds(strategy, secure_grid(grid, config, clients), config, recorder, initial,
-               config_record(config), first_round=first_round)
+               config_record(config), first_round=first_round, stop=stop)
+
+
+class ForwardOffers:
+    """The averaging server's side of accuracy recovery: between rounds, takes the newest
+    forward-distilled model if it is newer than the last one looked at and passes ``check``
+    (None: every offer is adopted), and logs each decision with the round (``offer``)."""
+
+    def __init__(self, config: RunConfig, channel: ModelChannel, seen: int,
+                 check: AdoptionCheck | None) -> None:
+        self.config, self.channel, self.seen, self.check = config, channel, seen, check
+        self.offers = self.adoptions = 0
+        self.offer: dict[str, Any] | None = None  # this round's, until logged
+
+    def before_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        if self.channel.latest_version("forward") <= self.seen:
+            return arrays
+        entry = self.channel.latest("forward")
+        self.seen, self.offers = entry.version, self.offers + 1
+        verdict = (self.check(entry.state, arrays.to_torch_state_dict())
+                   if self.check is not None else None)
+        self.offer = {"version": entry.version, "based-on": entry.meta.get("based-on"),
+                      **(verdict.record() if verdict else {"adopted": True})}
+        scores = (f" (validation accuracy {verdict.candidate.accuracy:.4f} vs current "
+                  f"{verdict.current.accuracy:.4f})" if verdict else "")
+        if not self.offer["adopted"]:
+            print(f"[round {server_round}] rejecting forward-distilled model {entry.version}"
+                  f"{scores}", flush=True)
+            return arrays
+        self.adoptions += 1
+        print(f"[round {server_round}] adopting forward-distilled model {entry.version} "
+              f"(from averaged version {entry.meta.get('based-on')}){scores}", flush=True)
+        return to_arrays(from_arrays(self.config.model, ArrayRecord(entry.state), self.config))
+
+    def round_fields(self) -> dict[str, Any]:
+        """Fields for the round's record: adoptions so far, and the round's offer if any."""
+        offer, self.offer = self.offer, None
+        return {"adoptions": self.adoptions, **({"offer": offer} if offer else {})}
+
+    def summary(self) -> dict[str, Any]:
+        return {"adoptions": self.adoptions, "offers": self.offers}
 
 
 def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,
@@ -111,49 +158,50 @@ def average(grid: Grid, config: RunConfig, clients: dict, recorder: RunRecorder,
     resumed = channel.latest("distilled")
     if resumed is None:
         start = channel.wait("forward", timeout=config.channel_timeout)
-        offset, adopted = 0, start.version
+        offset, seen = 0, start.version
     else:
-        start, offset, adopted = resumed, resumed.version, channel.latest_version("forward")
+        start, offset, seen = resumed, resumed.version, channel.latest_version("forward")
+    # the budget counts from the initial model being ready (a channel written before origins
+    # were recorded: from now)
+    origin = start.meta.get(ORIGIN, time.time())
+    budget = TimeBudget(config.time_budget_s, origin)
     initial = to_arrays(from_arrays(config.model, ArrayRecord(start.state), config))
-    adoptions = 0
-
-    def adopt_forward(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        nonlocal adopted, adoptions
-        if channel.latest_version("forward") <= adopted:
-            return arrays
-        entry = channel.latest("forward")
-        adopted, adoptions = entry.version, adoptions + 1
-        print(f"[round {server_round}] adopting forward-distilled model {entry.version} "
-              f"(from averaged version {entry.meta.get('based-on')})", flush=True)
-        return to_arrays(from_arrays(config.model, ArrayRecord(entry.state), config))
+    check = AdoptionCheck(config) if config.adoption_check == "validation" else None
+    offers = ForwardOffers(config, channel, seen, check)
+    rounds_done = offset
 
     def publish(server_round: int, arrays: ArrayRecord | None, info: dict[str, Any]
                 ) -> dict[str, Any]:
+        nonlocal rounds_done
+        rounds_done = server_round
         if arrays is not None:  # a skipped round publishes nothing: no new version
-            channel.publish("distilled", arrays.to_torch_state_dict(), {"round": server_round},
-                            version=server_round)
-        return {"adoptions": adoptions}
+            channel.publish("distilled", arrays.to_torch_state_dict(),
+                            {"round": server_round, ORIGIN: origin}, version=server_round)
+        return offers.round_fields()
 
-    rounds = max(0, config.num_rounds - offset)
-    fedavg_rounds(grid, config, clients, recorder, initial, adopt_forward, publish, offset + 1)
+    fedavg_rounds(grid, config, clients, recorder, initial, offers.before_round, publish,
+                  offset + 1, stop=budget.spent)
     final = channel.latest_version("distilled")
     if final < 0:
-        raise RuntimeError("no averaging round had enough usable replies (min-replies="
-                           f"{config.min_replies}); see the rejected replies in rounds.jsonl")
+        raise RuntimeError("no averaged model was published: no round had enough usable replies "
+                           f"(min-replies={config.min_replies}; see the rejected replies in "
+                           "rounds.jsonl), or distill.time-budget-s was spent before round 1")
     if channel.latest_version("stop") < final:  # stop's version: the final distilled model
         channel.publish("stop", {}, {"final-version": final}, version=final)
-    return {"averaging-rounds": rounds, "averaging-time-s": round(recorder.elapsed(), 2),
-            "adoptions": adoptions}
+    return {"averaging-rounds": rounds_done - offset,
+            "stopped-by": stopped_by(rounds_done, config.num_rounds),
+            "averaging-time-s": round(recorder.elapsed(), 2), **offers.summary()}
 
 
 def run_async_distill(grid, config, clients, recorder) -> dict[str, Any]:
     """Both servers in one run: averaging here, distillation in a child process."""
     channel_dir = config.channel_dir or str(recorder.folder / "channel")
     channel = open_channel(config.channel_backend, channel_dir)
-    log_path = recorder.folder / GLOBAL_LOG
+    log_path, result_path = recorder.folder / GLOBAL_LOG, recorder.folder / "distillation.json"
     command = [sys.executable, "-m", "fedapps.methods.distill.distillation",
                str(recorder.folder / "config.json"), "--set", f"distill.channel-dir={channel_dir}",
-               "--log", str(log_path), "--t0", repr(time.time() - recorder.elapsed())]
+               "--log", str(log_path), "--t0", repr(time.time() - recorder.elapsed()),
+               "--result", str(result_path)]
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
@@ -168,7 +216,9 @@ def run_async_distill(grid, config, clients, recorder) -> dict[str, Any]:
         if process.poll() is None:
             process.terminate()
             process.wait()
-    return {**summary, **global_summary(read_log(log_path), config.target_accuracy)}
+    distillation = json.loads(result_path.read_text())
+    return {**summary, **distillation,
+            **global_summary(read_log(log_path), config.target_accuracy)}
 
 
 def _wait_for_start(channel: ModelChannel, process: subprocess.Popen, timeout: float) -> None:
@@ -195,6 +245,5 @@ def run_async_distillation(grid, config, clients, recorder) -> dict[str, Any]:
     """Deployment half 2: the distillation server as a Flower run (it uses no clients)."""
     log_path = recorder.folder / GLOBAL_LOG
     channel = open_channel(config.channel_backend, config.channel_dir)
-    result = serve(config, channel, GlobalLog(log_path, time.time() - recorder.elapsed(),
-                                              config.snapshot_every_s))
+    result = serve(config, channel, log_for(config, log_path, time.time() - recorder.elapsed()))
     return {**result, **global_summary(read_log(log_path), config.target_accuracy)}
