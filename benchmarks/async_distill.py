@@ -53,13 +53,14 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from fedapps.config import (  # noqa: E402
-    exit_on_bad_input,  # noqa: E402
+    CommandLine,
+    exit_on_bad_input,
     parse_override,
     resolve,
 )
+from fedapps.launch import run_experiment  # noqa: E402
 from fedapps.methods.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log  # noqa: E402
 from fedapps.protocol.results import read_rounds, write_json  # noqa: E402
-from fedapps.simulation import simulate  # noqa: E402
 
 FORWARD_EVERY_OURS = 4
 CLIENT_CPUS = 2.0
@@ -84,11 +85,16 @@ BASELINE, FAST, OURS = "sync + forward", "async continuous", "async continuous +
 
 
 def start_run(values: Mapping[str, Any]) -> Path:
-    """Start one run and wait for it; returns its results folder. The one place the benchmark
+    """Run one variant as ``python -m fedapps.launch`` runs it (``flwr run`` on a local
+    SuperLink; async-distill as one run whose ServerApp starts the distillation server, so both
+    servers share one clock) and wait; returns its results folder. The one place the benchmark
     starts Flower."""
-    # Ray gets 2 CPUs and each client asks for 2: clients take turns on one core, leaving the
-    # other to the distillation server (the paper's separate machines), in every variant.
-    return simulate(values, num_cpus=CLIENT_CPUS)
+    # Each client asks for 2 CPUs of the 2: clients take turns on one core, leaving the other
+    # to the distillation server (the paper's separate machines), in every variant.
+    outcome = run_experiment(resolve(None, values), num_cpus=CLIENT_CPUS, split_async=False)
+    if outcome.code:
+        raise RuntimeError(outcome.reason)
+    return outcome.folders[0]
 
 
 def budget_changes(spec: str, name: str, baseline: Mapping[str, Any] | None,
@@ -324,8 +330,7 @@ def budget_spec(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = CommandLine(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", default=str(PROJECT / "conf" / "async-shapes-3iid.toml"))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
     parser.add_argument("--targets", default="auto",

@@ -16,10 +16,11 @@ accuracy of the federated model before fine-tuning and after (the paper's figure
 the client's own data recovers much of what the noise destroyed), mean and SD over seeds, with
 the noise multiplier and the epsilon the run's own accountant reported.
 
-timing: FedAvg on the same clients through Flower's simulation (:func:`fedapps.simulation
-.simulate`) with each option: none, central DP, local DP, SecAgg+, SecAgg+ with central DP; and
-FedMe with and without local DP. Mean ``round-s`` (train and evaluate phases) over rounds 2 to
-``--timing-rounds`` (round 1 warms up), ``--timing-repeats`` runs each.
+timing: FedAvg on the same clients through Flower's simulation, as ``python -m fedapps.launch``
+runs it (:func:`fedapps.launch.run_experiment`), with each option: none, central DP, local DP,
+SecAgg+, SecAgg+ with central DP; and FedMe with and without local DP. Mean ``round-s`` (train
+and evaluate phases) over rounds 2 to ``--timing-rounds`` (round 1 warms up),
+``--timing-repeats`` runs each.
 
 deployment: FedAvg on a real SuperLink with ``--deployment-clients`` SuperNodes on loopback
 (``python -m fedapps.deploy``), without and with SecAgg+ (its four stages are four exchanges,
@@ -48,7 +49,8 @@ from typing import Any
 
 from fedme_tuning import SETTINGS  # the tuning benchmark's clients (benchmarks/ is on the path)
 
-from fedapps.config import PROJECT, exit_on_bad_input
+from fedapps.config import PROJECT, CommandLine, exit_on_bad_input, resolve
+from fedapps.launch import run_experiment
 from fedapps.protocol.results import read_rounds
 
 OUT = Path(__file__).parent / "results" / "privacy"
@@ -134,11 +136,12 @@ def timing_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def timing_run(job: dict[str, Any]) -> dict[str, Any]:
-    """One run through Flower's simulation (in this process: Ray takes the cores)."""
-    from fedapps.simulation import simulate
-
+    """One run as ``python -m fedapps.launch`` runs it: ``flwr run`` on a local SuperLink."""
     started = time.perf_counter()
-    folder = simulate({**job["settings"], "results-dir": job["results-dir"]})
+    outcome = run_experiment(resolve(None, {**job["settings"], "results-dir": job["results-dir"]}))
+    if outcome.code:
+        raise RuntimeError(outcome.reason)
+    folder = outcome.folders[-1]
     return {**key_of(job), "folder": str(folder), "wall-s": time.perf_counter() - started,
             **round_times(folder)}
 
@@ -190,15 +193,16 @@ def finished_runs(out: Path) -> list[dict[str, Any]]:
 
 
 def run_all(jobs: list[dict[str, Any]], runner: Callable[[dict[str, Any]], dict[str, Any]],
-            out: Path, runs: list[dict[str, Any]], workers: int) -> None:
-    """The jobs not yet in ``runs``; each result is logged to ``RUNS_LOG`` as it finishes."""
+            out: Path, runs: list[dict[str, Any]], workers: int, failed: list[str]) -> None:
+    """The jobs not yet in ``runs``; each result is logged to ``RUNS_LOG`` as it finishes, each
+    failure added to ``failed``."""
     done = {json.dumps(key_of(run), sort_keys=True) for run in runs}
     todo = [job for job in jobs if json.dumps(key_of(job), sort_keys=True) not in done]
     print(f"{len(jobs) - len(todo)} {jobs[0]['part'] if jobs else ''} runs already done, "
           f"{len(todo)} to go", flush=True)
     for job in todo:
         job["results-dir"] = str(out / "runs" / job["part"] / job["variant"])
-    for run in run_each(todo, runner, workers):
+    for run in run_each(todo, runner, workers, failed):
         with (out / RUNS_LOG).open("a") as stream:
             stream.write(json.dumps(run) + "\n")
         runs.append(run)
@@ -207,14 +211,16 @@ def run_all(jobs: list[dict[str, Any]], runner: Callable[[dict[str, Any]], dict[
 
 
 def run_each(jobs: list[dict[str, Any]], runner: Callable[[dict[str, Any]], dict[str, Any]],
-             workers: int) -> Iterable[dict[str, Any]]:
-    """Results as they come; a failed run is reported and the others go on."""
+             workers: int, failed: list[str]) -> Iterable[dict[str, Any]]:
+    """Results as they come; a failed run is reported (and added to ``failed``), the others go
+    on."""
     if workers <= 1:
         for job in jobs:
             try:
                 yield runner(job)
             except Exception as error:
-                print(f"{key_of(job)} FAILED: {error}", flush=True)
+                failed.append(f"{key_of(job)} FAILED: {error}")
+                print(failed[-1], flush=True)
         return
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(runner, job): job for job in jobs}
@@ -222,7 +228,8 @@ def run_each(jobs: list[dict[str, Any]], runner: Callable[[dict[str, Any]], dict
             try:
                 yield future.result()
             except Exception as error:
-                print(f"{key_of(futures[future])} FAILED: {error}", flush=True)
+                failed.append(f"{key_of(futures[future])} FAILED: {error}")
+                print(failed[-1], flush=True)
 
 
 # --------------------------------------------------------------------------- tables
@@ -273,8 +280,8 @@ def time_table(runs: list[dict[str, Any]], part: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> int:
+    parser = CommandLine(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["accuracy", "timing", "deployment"],
                         choices=["accuracy", "timing", "deployment"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
@@ -292,9 +299,10 @@ def main() -> None:
     parts = {"accuracy": (accuracy_jobs, accuracy_run, args.jobs),
              "timing": (timing_jobs, timing_run, 1),
              "deployment": (deployment_jobs, deployment_run, 1)}
+    failed: list[str] = []
     for part in args.parts:
         make_jobs, runner, workers = parts[part]
-        run_all(make_jobs(args), runner, args.out, runs, workers)
+        run_all(make_jobs(args), runner, args.out, runs, workers, failed)
     tables = {"accuracy after fine-tuning": accuracy_table(runs, args.epsilons, args.rounds,
                                                            "accuracy"),
               "accuracy before fine-tuning": accuracy_table(runs, args.epsilons, args.rounds,
@@ -309,6 +317,9 @@ def main() -> None:
         "cpus": os.cpu_count(), "tables": tables, "runs": runs}
     (args.out / "privacy.json").write_text(json.dumps(report, indent=1))
     print(f"\ntotal {time.perf_counter() - started:.0f}s; {args.out / 'privacy.json'}")
+    for line in failed:  # the tables leave these runs out: say so last, and fail
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -382,8 +382,7 @@ def deployment(num_nodes: int, home: Path, node_config: Mapping[str, Any] | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = CommandLine(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = CommandLine(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", nargs="?", help="experiment file, e.g. conf/fedme-digits.toml")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
                         default=[], metavar="KEY=VALUE", help="override one run-config key")

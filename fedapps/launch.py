@@ -164,6 +164,7 @@ def run_experiment(
     num_gpus: float = 0.0,
     home: Path | None = None,
     output: Path | None = None,
+    split_async: bool = True,
 ) -> Outcome:
     """``flwr run`` resolved ``values`` on a local SuperLink of this launch's own.
 
@@ -172,7 +173,9 @@ def run_experiment(
     streamed log (default: this terminal). ``async-distill`` runs as two Flower runs on that
     SuperLink, as it is deployed: the distillation server (``async-distillation``, one idle
     virtual SuperNode: it trains no client) and, once it has published the initial model, the
-    averaging server (``async-averaging``), sharing ``distill.channel-dir``.
+    averaging server (``async-averaging``), sharing ``distill.channel-dir``; with
+    ``split_async=False`` it is one Flower run whose ServerApp starts the distillation server as
+    a child process (the benchmark's setting: one clock, both servers on one machine).
     """
     num_clients = check(values)
     folder = home or Path(tempfile.mkdtemp(prefix="launch-", dir=_made(LAUNCHES)))
@@ -182,7 +185,7 @@ def run_experiment(
     codes: list[int] = []
     try:
         resources = (num_cpus, num_gpus, env, log)
-        if values["method"] != "async-distill":
+        if values["method"] != "async-distill" or not split_async:
             run = named(values)
             started.append((results_folder(run),
                             start_run(run, num_clients, *resources, folder / "run-config.toml")))

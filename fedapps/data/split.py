@@ -62,8 +62,7 @@ def split_for_devices(config: RunConfig, out: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = CommandLine(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = CommandLine(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", nargs="?", help="experiment file, e.g. conf/fedme-digits.toml")
     parser.add_argument("--out", type=Path, required=True, help="folder for the files")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,

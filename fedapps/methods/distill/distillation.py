@@ -92,7 +92,7 @@ def server_data(config: RunConfig) -> ServerData:
         )
     validation = round(config.validation_fraction * held_out)
     if config.validation_fraction and not 0 < validation < held_out:
-        raise ValueError(
+        raise DataError(
             f"distill.validation-fraction={config.validation_fraction} of the server's "
             f"{held_out} held-out samples leaves no {'validation' if validation == 0 else 'test'} "
             "sample; raise unlabeled-size"
@@ -164,7 +164,7 @@ class Distiller:
         self.unlabeled, self.test_x, self.test_y = data.distill, data.test_x, data.test_y
         self.probe: nn.Module | None = None  # one model the snapshots are loaded into
         if len(self.unlabeled) == 0:
-            raise ValueError("distillation needs the server's unlabeled pool: unlabeled-size is 0")
+            raise DataError("distillation needs the server's unlabeled pool: unlabeled-size is 0")
         self.optim = training.Optim(config.distill_lr, config.momentum, config.weight_decay,
                                     config.clip_norm, config.batch_size)
         self.device = training.resolve_device(config.device)
@@ -455,8 +455,7 @@ def serve(config: RunConfig, channel: ModelChannel, log: GlobalLog) -> dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = CommandLine(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = CommandLine(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", help="experiment file (.toml), or a results config.json")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
                         default=[], metavar="KEY=VALUE", help="override one run-config key")
