@@ -93,7 +93,7 @@ class RunConfig(BaseModel):
     partition_file: str = option("", "a saved partition (JSON); replaces the partitioner")
     alpha_label: float = option(0.5, "Dirichlet concentration of labels per client", gt=0)
     alpha_size: float = option(10.0, "Dirichlet concentration of client sizes", gt=0)
-    num_clients: int = option(10, "number of clients (SuperNodes)", ge=1)
+    num_clients: int = option(20, "number of clients (SuperNodes)", ge=1)
     unlabeled_size: int = option(-1, "server's unlabeled pool; -1: min(1000, 15% of data)",
                                  ge=-1)
     val_fraction: float = option(0.2, "share of each client's data for validation", ge=0, lt=1)
@@ -101,7 +101,7 @@ class RunConfig(BaseModel):
     min_client_samples: int = option(10, "fewest samples a client may hold", ge=0)
     # -------------------------------------------------------------- shared: training
     model: Literal[MODEL_NAMES] = option("cnn2", "model (the small distilled one for distill)")
-    num_rounds: int = option(20, "rounds", ge=1)
+    num_rounds: int = option(40, "rounds", ge=1)
     local_epochs: int = option(2, "epochs per round on each client", ge=0)
     batch_size: int = option(20, "minibatch size", ge=1)
     lr: float = option(0.05, "SGD learning rate", gt=0)
@@ -128,7 +128,7 @@ class RunConfig(BaseModel):
     # ------------------------------------------------------------ fedme (docs/fedme-tuning.md)
     candidate_models: str = option("cnn1,cnn2,cnn3,cnn4", "architectures auto-tuning may pick",
                                    "fedme", "candidate-models")
-    init_arch: str = option("local-best", "local-best | random | spread | a model | one per client",
+    init_arch: str = option("spread", "spread | local-best | random | a model | one per client",
                             "fedme", "init-arch")
     local_best_epochs: int = option(30, "epoch budget per candidate for local-best", "fedme",
                                     "local-best-epochs", ge=0)
@@ -140,7 +140,7 @@ class RunConfig(BaseModel):
                                                     "fedme", "adoption-rule")
     adoption_margin: float = option(0.0, "how much better the exchange model must be", "fedme",
                                     "adoption-margin", ge=0)
-    adoption_warmup: float = option(0.0, "share of num-rounds, from round 1, in which only the "
+    adoption_warmup: float = option(0.25, "share of num-rounds, from round 1, in which only the "
                                     "own architecture is adopted", "fedme", "adoption-warmup",
                                     ge=0, lt=1)
     dml_kl_weight: float = option(1.0, "weight of the KL term of mutual learning", "fedme",
