@@ -169,7 +169,8 @@ def trained(config, arch, epochs):
 
 
 def test_client_adopts_a_strictly_better_exchange_model():
-    config = RunConfig(num_clients=3, local_epochs=0)  # no DML steps: losses stay as given
+    # no DML steps: losses stay as given; no warm-up: the paper's rule from round 1
+    config = RunConfig(num_clients=3, local_epochs=0, adoption_warmup=0.0)
     weak, strong = new_model("cnn1", config), trained(config, "cnn2", epochs=15)
     reply = train_mutual(mutual_message(config, weak, strong, "cnn1", "cnn2"),
                                 context(0, 3))

@@ -252,8 +252,8 @@ def test_local_best_query_reports_every_candidate_and_the_server_pools_them(caps
     from fedapps.protocol.messages import config_record
     from tests.helpers import context, message
 
-    config = RunConfig(num_clients=3, local_best_epochs=2, candidate_models="cnn1,cnn2",
-                       local_best_pooling=1000.0)
+    config = RunConfig(num_clients=3, init_arch="local-best", local_best_epochs=2,
+                       candidate_models="cnn1,cnn2", local_best_pooling=1000.0)
     query = message(RecordDict({"config": config_record(config)}), "query")
     clients = {}
     for pid in range(3):
