@@ -15,7 +15,9 @@ from fedapps.data.federated import (
     save_partition,
 )
 from fedapps.data.shapes import SHAPES, make_shapes
+from fedapps.inprocess import run_in_process
 from fedapps.protocol.messages import config_record
+from fedapps.protocol.results import read_rounds
 from tests.helpers import context, message
 
 
@@ -209,3 +211,15 @@ def test_shapes_is_a_registered_data_set():
 def test_shapes_needs_one_image_per_class():
     with pytest.raises(ValueError, match="num_samples=5: need at least one image per class"):
         make_shapes(5)
+
+
+def test_exported_partition_reproduces_the_run():
+    """A run's partition.json, given back as partition-file, gives the same clients and the
+    same run, whatever the partitioner settings say (the real server and clients, in-process)."""
+    settings = {"method": "fedavg", "num-clients": 3, "num-rounds": 1, "model": "cnn1", "seed": 5,
+                "alpha-label": 0.3}
+    first = run_in_process(settings)
+    again = run_in_process({**settings, "partitioner": "iid", "alpha-label": 2.0,
+                            "partition-file": str(first / "partition.json")})
+    assert (again / "partition.json").read_text() == (first / "partition.json").read_text()
+    assert read_rounds(again)[0]["client-accuracy"] == read_rounds(first)[0]["client-accuracy"]

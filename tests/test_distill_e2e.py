@@ -21,25 +21,28 @@ pytestmark = pytest.mark.slow
 SMALL = {"dataset": "digits", "num-clients": 2, "partitioner": "iid", "model": "cnn-small",
          "distill.global-model": "cnn2", "local-epochs": 3, "distill.epochs": 2, "distill.lr": 0.05,
          "unlabeled-size": 400}
-DELAY = 3.0
+# A distillation pass this slow outlasts several averaging rounds even on a machine busy with
+# other tests (a round of these two small clients takes 1-8 s), so the test does not depend on
+# the load: a server that waited for the passes could not end its rounds before them.
+DELAY = 15.0
 
 
 def test_averaging_never_waits_for_a_slow_distillation_server():
-    folder = simulate({**SMALL, "method": "async-distill", "num-rounds": 6,
+    folder = simulate({**SMALL, "method": "async-distill", "num-rounds": 4,
                        "distill.mode": "continuous", "distill.delay": DELAY})
     rounds = read_rounds(folder)
     tests = read_log(folder / GLOBAL_LOG)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     # nobody waits: the averaging server finished all its rounds while the slow distillation
-    # server (DELAY s per pass) had ended only a few passes
+    # server (DELAY s per pass) had ended fewer passes than rounds
     passes = read_log(folder / PASSES_LOG)
     passes_before_end = [p for p in passes if p["end"] <= rounds[-1]["time"]]
-    assert len(passes_before_end) < len(rounds) - 2, (rounds, passes)
+    assert len(passes_before_end) < len(rounds) - 1, (rounds, passes)
     # the global model learnt from the distilled ones, and its final model is the last round's
-    assert tests[-1]["version"] == 6
+    assert tests[-1]["version"] == 4
     assert tests[-1]["accuracy"] > tests[0]["accuracy"], tests
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["averaging-rounds"] == 6 and summary["global-accuracy"] == tests[-1]["accuracy"]
+    assert summary["averaging-rounds"] == 4 and summary["global-accuracy"] == tests[-1]["accuracy"]
 
 
 def distillation_run(values: dict, folder: str) -> None:
@@ -51,7 +54,8 @@ def distillation_run(values: dict, folder: str) -> None:
 def test_two_halves_as_separate_runs_share_a_channel(tmp_path):
     """Deployment: async-averaging and async-distillation as two runs on one distill.channel-dir."""
     shared = {**SMALL, "num-rounds": 4, "distill.mode": "per-round",
-              "distill.channel-dir": str(tmp_path / "channel")}
+              "distill.channel-dir": str(tmp_path / "channel"),
+              "distill.channel-timeout": 900.0}  # Flower's start-up on a busy machine
     context = multiprocessing.get_context("spawn")
     distillation = context.Process(
         target=distillation_run,
@@ -96,12 +100,13 @@ def test_sync_distill_end_to_end():
 
 
 ROUND_CAP = 500  # far more rounds than fit in the budgets below: only the budget can end them
+# (20 s lets a forward-distilled model reach the averaging server even on a busy machine)
 
 
 def test_a_time_budget_ends_both_servers_and_every_offer_is_checked(tmp_path):
     folder = simulate({**SMALL, "results-dir": str(tmp_path), "method": "async-distill",
                        "num-rounds": ROUND_CAP, "distill.mode": "continuous",
-                       "distill.time-budget-s": 8.0, "distill.forward-distill-every": 1,
+                       "distill.time-budget-s": 20.0, "distill.forward-distill-every": 1,
                        "distill.adoption-check": "validation",
                        "distill.validation-fraction": 0.3})
     summary = json.loads((folder / "summary.json").read_text())
