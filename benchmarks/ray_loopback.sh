@@ -19,7 +19,8 @@ setsid $RAY start --head --port "$PORT" --num-cpus 0 --temp-dir "$T" --include-d
 # waiting for them keeps a chained next run from overlapping the shutdown
 trap 'kill -TERM -- -$HEAD ${WORKER:+-$WORKER} 2>/dev/null; wait 2>/dev/null || true' EXIT
 for _ in $(seq 60); do $RAY status --address "127.0.0.1:$PORT" > /dev/null 2>&1 && break; sleep 1; done
-setsid $RAY start --address "127.0.0.1:$PORT" --num-cpus "$CPUS" --temp-dir "$T" \
+# the clients (Ray workers) at the priority of everything else, not Ray's default niceness 15
+RAY_worker_niceness=0 setsid $RAY start --address "127.0.0.1:$PORT" --num-cpus "$CPUS" --temp-dir "$T" \
   --disable-usage-stats --block > "$T/worker.log" 2>&1 & WORKER=$!
 joined=""
 for _ in $(seq 60); do

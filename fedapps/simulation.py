@@ -11,6 +11,7 @@ fails loudly when Flower removes or changes it.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedapps import server
 from fedapps.client import build_client_app
 from fedapps.config import RunConfig, app_defaults
+from fedapps.launch import RAY_ENVIRONMENT
 
 
 def simulate(
@@ -48,6 +50,8 @@ def simulate(
             failures.append(error)
             raise
 
+    for key, value in RAY_ENVIRONMENT.items():  # Ray starts in this process: its workers too
+        os.environ.setdefault(key, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(

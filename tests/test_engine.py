@@ -95,3 +95,14 @@ def test_resume_after_a_checkpoint_equals_the_uninterrupted_run(method, tmp_path
 def test_a_method_rejects_a_key_it_cannot_honour(method, tmp_path):
     with pytest.raises(ConfigError, match=f"checkpoint-every=1: method '{method}' does not"):
         run_in_process({**TINY, "method": method, "checkpoint-every": 1})
+
+
+@pytest.mark.parametrize("method", ["fedme", "fedavg"])
+def test_with_partial_participation_half_the_clients_train_and_every_client_is_tested(
+        method, tmp_path):
+    rows = read_rounds(run_in_process(settings(method, tmp_path, **{"fraction-train": 0.5})))
+    for row in rows:
+        assert row["replies"] == 2
+        assert set(row["client-accuracy"]) == {"0", "1", "2", "3"}
+    if method == "fedme":  # only the round's trainers exchange models
+        assert [len(row["exchange"]) for row in rows] == [2, 2, 2]

@@ -238,6 +238,8 @@ def test_two_launches_side_by_side_keep_their_own_settings(tmp_path):
     assert [process.returncode for process in processes] == [0, 0], errors
     runs = {}
     for folder in (tmp_path / "res").iterdir():
+        roster = json.loads((folder / "clients.json").read_text())
+        assert {client["niceness"] for client in roster.values()} == {0}  # Ray's default: 15
         config = json.loads((folder / "config.json").read_text())
         runs[config["seed"]] = (config["num-rounds"], len(read_rounds(folder)),
                                 json.loads((folder / "summary.json").read_text())["status"])

@@ -318,9 +318,10 @@ def test_fedavg_with_central_dp_end_to_end(tmp_path, capsys):
     assert f"central DP: epsilon {report['epsilon']:.3g} at delta 1e-05" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_fedme_with_local_dp_end_to_end(tmp_path):
-    folder = simulate({**SMALL, "method": "fedme", "num-rounds": 2, "unlabeled-size": 100,
+    """FedMe's server and client halves with their mods, in-process (the Flower path of the
+    mods is the central-DP test's)."""
+    folder = run_in_process({**SMALL, "method": "fedme", "num-rounds": 2, "unlabeled-size": 100,
                        "fedme.init-arch": "cnn1,cnn2,cnn1", "results-dir": str(tmp_path),
                        "privacy.mode": "local", "privacy.target-epsilon": 8.0})
     report = json.loads((folder / "privacy.json").read_text())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 import signal
 import time
+from contextlib import suppress
+from pathlib import Path
 
 import psutil
 import pytest
@@ -29,9 +31,16 @@ needs_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("
                                  reason="needs openssl and ssh-keygen")
 
 
-def flwr_processes() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if any("flower-" in part or "flwr-" in part for part in p.info["cmdline"] or [])}
+def flwr_processes(home: Path) -> set[int]:
+    """Flower's processes of the deployment in ``home`` (their FLWR_HOME lies under it): tests
+    running alongside have Flower processes of their own."""
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if any("flower-" in part or "flwr-" in part for part in process.info["cmdline"] or []):
+            with suppress(psutil.Error):
+                if process.environ().get("FLWR_HOME", "").startswith(str(home)):
+                    found.add(process.pid)
+    return found
 
 
 def live(pids: set[int]) -> list[str]:
@@ -50,7 +59,6 @@ def live(pids: set[int]) -> list[str]:
 @needs_tools
 def test_script_runs_fedavg_on_registered_supernodes_over_tls(tmp_path, capsys):
     """`fedapps.deploy --tls --auth` end to end; the commands it prints are the doc's."""
-    before = flwr_processes()
     settings = [f"{key}={value}" for key, value in
                 {**TINY, "results-dir": str(tmp_path / "results")}.items()]
     handler = signal.getsignal(signal.SIGTERM)
@@ -80,7 +88,7 @@ def test_script_runs_fedavg_on_registered_supernodes_over_tls(tmp_path, capsys):
             if word.startswith("-") and word not in {"--format", "--isolation"}:
                 assert word in doc, f"{word} (from {command}) is not in {DOC.name}"
     assert "mkdir -p" in doc and "--tls --auth" in doc
-    assert not live(flwr_processes() - before)
+    assert not live(flwr_processes(fleet))
 
 
 @pytest.mark.slow
@@ -88,7 +96,6 @@ def test_script_runs_fedavg_on_registered_supernodes_over_tls(tmp_path, capsys):
 def test_unregistered_insecure_and_wrong_ca_supernodes_are_refused(tmp_path):
     """One registered SuperNode comes online; the others never do, and exit on their own
     (the `--insecure` one only because of `--max-retries`: it would retry forever)."""
-    before = flwr_processes()
     other_ca = make_certificates(tmp_path / "other-ca").ca
     with deployment(1, tmp_path / "fleet", auth=True) as deploy:
         stray = make_supernode_key(deploy.keys, "unregistered")
@@ -119,7 +126,7 @@ def test_unregistered_insecure_and_wrong_ca_supernodes_are_refused(tmp_path):
         assert online == {deploy.node_ids["supernode-0"]}, nodes
         assert nodes[deploy.node_ids["wrong-ca"]] == "registered", nodes  # its key was fine
         assert deploy.supernodes[0].poll() is None, deploy.log_tail("supernode-0")
-    assert not live(flwr_processes() - before)
+    assert not live(flwr_processes(tmp_path / "fleet"))
 
 
 @needs_tools

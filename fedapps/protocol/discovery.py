@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -81,9 +82,11 @@ def discover_clients(grid: Grid, config: RunConfig, expected: int) -> dict[int, 
 
 
 def write_roster(clients: Mapping[int, Mapping[str, Any]], path: Path) -> None:
-    """Which node and device each partition is, for following a fleet's logs (``clients.json``)."""
+    """Which node and device each partition is, for following a fleet's logs, and the priority
+    its ClientApp runs at (niceness: 0 is everyone else's) (``clients.json``)."""
     path.write_text(json.dumps({str(pid): {"node": int(client["node"]), "device": client["device"],
-                                           "num-examples": client["num-examples"]}
+                                           "num-examples": client["num-examples"],
+                                           "niceness": client["niceness"]}
                                 for pid, client in sorted(clients.items())}, indent=1))
 
 
@@ -120,6 +123,7 @@ def _usable_clients(
         clients[pid] = {
             "node": node,
             "device": device,
+            "niceness": int(about.get("niceness", 0)),
             "num-examples": int(metrics["num-examples"]),
             "num-val": int(metrics.get("num-val", 0)),
             "info": answer.content["info"],
@@ -142,7 +146,8 @@ def describe(msg: Message, context: Context, hooks: Mapping[str, SetupHook]) -> 
     info = hook(config, pid, data, device) if hook else ConfigRecord()
     about = ConfigRecord({"device": device_name(context),
                           "input-shape": list(data.train.x.shape[1:]),
-                          "num-classes": model_shape(config)[1]})
+                          "num-classes": model_shape(config)[1],
+                          "niceness": os.nice(0)})  # a client niced by its runtime crawls
     return reply(msg, {"partition-id": pid, "num-examples": len(data.train),
                        "num-val": len(data.val)}, info=info, node=about)
 
