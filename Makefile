@@ -6,7 +6,8 @@ CONF ?= conf/fedme-digits.toml
 
 # Tests run in parallel workers: most of a Flower test's time is waiting (start-ups, polling),
 # so more workers than cores overlap well; `make test-fast` runs every test that starts no
-# Flower process (the edit loop).
+# Flower process (the edit loop). `--dist load` with the Flower tests first (tests/conftest.py)
+# hands the longest tests out first.
 TEST_WORKERS ?= 4
 
 .PHONY: setup run test test-fast lint
@@ -23,7 +24,7 @@ run: setup
 	$(BIN)/python -m fedapps.launch $(CONF)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist worksteal

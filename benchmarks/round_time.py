@@ -23,7 +23,8 @@ workload's model, so the FLOP count of a round is known exactly. Per run it prin
 - FedMe/FedAvg, the server's clustering share of the round, peak memory (process tree; growth
   of the machine's used memory, which holds a loopback Ray cluster's nodes; GPU).
 
-``--cluster-pool-size N`` clusters on N pool samples (``fedme.cluster-pool-size``);
+``--cluster-pool-size N`` clusters on N pool samples (``fedme.cluster-pool-size``, the app's
+default unless given; 0: the whole pool);
 ``--fraction-train F`` lets F of the clients train each round (every client is evaluated); with
 ``RAY_ADDRESS`` set, the runs join that Ray cluster (docs/ray-cluster.md).
 
@@ -57,7 +58,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedapps import training
-from fedapps.config import CommandLine, exit_on_bad_input, method_uses, resolve
+from fedapps.config import CommandLine, RunConfig, exit_on_bad_input, method_uses, resolve
 from fedapps.inprocess import run_in_process
 from fedapps.launch import run_experiment
 from fedapps.methods.fedme.strategy import clustered_count
@@ -598,8 +599,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="K = 1 in rounds 1-2, then K = 2")
     parser.add_argument("--fraction-train", type=float, default=1.0,
                         help="share of the clients that train each round (all are evaluated)")
-    parser.add_argument("--cluster-pool-size", type=int, default=0,
-                        help="fedme.cluster-pool-size: cluster on this many pool samples (0: all)")
+    parser.add_argument("--cluster-pool-size", type=int, default=RunConfig().cluster_pool_size,
+                        help="fedme.cluster-pool-size: cluster on this many pool samples (0: all;"
+                             " default: the app's)")
     parser.add_argument("--engine", choices=("flower", "in-process"), default="flower")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", type=Path, help="JSON report (default benchmarks/results/)")

@@ -25,9 +25,11 @@ class InProcessGrid:
     """The part of Flower's Grid the strategies use, answered by calling the handlers directly."""
 
     def __init__(self, num_nodes: int,
-                 node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
+                 node_configs: Sequence[Mapping[str, Any]] | None = None,
+                 first_node_id: int = 1) -> None:
         """``num_nodes`` simulated nodes (partition-id i), or one node per ``node_configs``
-        entry, e.g. devices with their own data: ``{"data-path": "devices/device-000.npz"}``."""
+        entry, e.g. devices with their own data: ``{"data-path": "devices/device-000.npz"}``.
+        Node ids count from ``first_node_id``: a restarted deployment's nodes get new ids."""
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
         if node_configs is None:
             node_configs = [{"partition-id": i, "num-partitions": num_nodes}
@@ -35,7 +37,7 @@ class InProcessGrid:
         self.contexts = {
             node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
                           node_config=dict(node_config))
-            for node, node_config in enumerate(node_configs, start=1)
+            for node, node_config in enumerate(node_configs, start=first_node_id)
         }
 
     def get_node_ids(self) -> list[int]:
@@ -59,12 +61,13 @@ class InProcessGrid:
 
 
 def run_in_process(settings: Mapping[str, Any],
-                   node_configs: Sequence[Mapping[str, Any]] | None = None) -> Path:
+                   node_configs: Sequence[Mapping[str, Any]] | None = None,
+                   first_node_id: int = 1) -> Path:
     """The app defaults with ``settings`` on top, run without Flower; returns the results folder.
     ``node_configs``: one per node (default: ``num-clients`` simulated partitions)."""
     values = {**app_defaults(), **settings}
     config = RunConfig.from_mapping(values)
-    grid = InProcessGrid(config.num_clients, node_configs)
+    grid = InProcessGrid(config.num_clients, node_configs, first_node_id)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=values)
     return server.run(grid, context)

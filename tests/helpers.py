@@ -7,6 +7,8 @@ from types import SimpleNamespace
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedapps import launch
+from fedapps.config import exit_on_bad_input
 from fedapps.protocol.results import read_rounds
 
 
@@ -40,3 +42,20 @@ def reply_from(node: int, content: RecordDict, error: str | None = None) -> Simp
         has_error=lambda: error is not None,
         error=SimpleNamespace(reason=error),
     )
+
+
+def launch_in_process(argv: list[str], monkeypatch) -> tuple[int, list]:
+    """``python -m fedapps.launch ARGV`` in this process, as its ``__main__`` runs it (argparse
+    and bad-input exits included) but with Flower's start recorded instead of run: the exit
+    status and what would have started. One subprocess test per command covers the wiring."""
+    started: list = []
+    monkeypatch.setattr(launch, "start_run", lambda *args: started.append(args))
+    monkeypatch.setattr(launch, "flwr_environment", lambda *args: started.append(args))
+
+    def main() -> int:
+        try:
+            return launch.main(argv)
+        except SystemExit as stop:  # argparse's exit
+            return int(stop.code)
+
+    return exit_on_bad_input(main), started

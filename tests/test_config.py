@@ -36,10 +36,10 @@ def test_tables_and_dotted_keys_are_the_same_config():
             == RunConfig.from_mapping({"fedme.init-arch": "cnn1"}))
 
 
+# the launcher's bad configs run in process (tests/test_exit_status.py: BAD_INPUTS, and one
+# subprocess per command there); these are the commands with no in-process test
 @pytest.mark.parametrize(("command", "message"), [
-    (["-m", "fedapps.launch", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
     (["-m", "fedapps.deploy", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
-    (["-m", "fedapps.launch", "conf/no-such.toml"], "config file 'conf/no-such.toml'"),
     (["benchmarks/async_distill.py", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
     (["benchmarks/compare_digits.py", "--rounds", "0"], "num-rounds=0: must be >= 1"),
 ])

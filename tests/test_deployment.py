@@ -150,11 +150,12 @@ def test_a_supernode_that_dies_at_start_is_reported_with_its_log(tmp_path):
             deploy.wait_for_supernodes()
 
 
-def test_devices_with_only_their_own_files_run_fedme_and_fedavg(tmp_path):
+def test_devices_with_only_their_own_files_run_fedme(tmp_path):
     """The deployment of issue 15 rehearsed: ``fedapps.data.split`` writes one file per device
     and the server's; each real SuperNode gets only its file (no partition-id in its node
     config) and the ServerApp only ``server.npz``, which holds the unlabeled pool and nothing of
-    the clients'. FedMe (which clusters on the pool) and FedAvg run one after the other."""
+    the clients'. FedMe runs: it is the method that needs the pool. Every other method on device
+    files is tests/test_devices.py (in process: the same handlers read the same files)."""
     config = RunConfig.from_mapping(resolve(None, {**SMALL, "num-rounds": 1}))
     split_for_devices(config, tmp_path / "devices")
     server = read_device_file(str(tmp_path / "devices" / "server.npz"))
@@ -162,20 +163,17 @@ def test_devices_with_only_their_own_files_run_fedme_and_fedavg(tmp_path):
     devices = device_node_configs(tmp_path / "devices")
     assert all("partition-id" not in node for node in devices)
     with deployment(len(devices), tmp_path / "flwr", devices=devices) as deploy:
-        for method, settings in (("fedme", SMALL), ("fedavg", FEDAVG)):
-            values = device_run_config(
-                resolve(None, {**settings, "num-rounds": 1, "results-dir": str(tmp_path / method)}),
-                tmp_path / "devices")
-            run = deploy.start_run(write_run_config(values, tmp_path / f"{method}.toml"),
-                                   name=method)
-            assert finish(deploy, run, RUN_TIMEOUT_S) == 0, deploy.log_tail(method)
-    for method in ("fedme", "fedavg"):
-        [folder] = (tmp_path / method).glob(f"{method}-devices-*")
-        roster = json.loads((folder / "clients.json").read_text())
-        assert {entry["device"] for entry in roster.values()} == {
-            "device-000", "device-001", "device-002"}
-        assert not (folder / "partition.json").exists()
-        assert json.loads((folder / "summary.json").read_text())["after-finetune"]["mean"] > 0.1
+        values = device_run_config(
+            resolve(None, {**SMALL, "num-rounds": 1, "results-dir": str(tmp_path / "results")}),
+            tmp_path / "devices")
+        run = deploy.start_run(write_run_config(values, tmp_path / "fedme.toml"), name="fedme")
+        assert finish(deploy, run, RUN_TIMEOUT_S) == 0, deploy.log_tail("fedme")
+    [folder] = (tmp_path / "results").glob("fedme-devices-*")
+    roster = json.loads((folder / "clients.json").read_text())
+    assert {entry["device"] for entry in roster.values()} == {
+        "device-000", "device-001", "device-002"}
+    assert not (folder / "partition.json").exists()
+    assert json.loads((folder / "summary.json").read_text())["after-finetune"]["mean"] > 0.1
 
 
 def test_the_rehearsal_exits_non_zero_when_the_serverapp_fails(tmp_path, capsys):

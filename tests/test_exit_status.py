@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedapps import launch
-from fedapps.config import PROJECT, exit_on_bad_input
+from fedapps.config import PROJECT
 from fedapps.inprocess import run_in_process
 from fedapps.launch import outcome_of
 from fedapps.protocol.results import ERROR_LOG, FAILED, read_rounds
+from tests.helpers import launch_in_process
 
 FEDAVG = {"method": "fedavg", "num-clients": 3, "model": "cnn1", "local-epochs": 1,
           "finetune-epochs": 1}
@@ -152,17 +152,7 @@ def test_a_bad_input_is_one_line_and_exit_2_before_flower_starts(case, tmp_path,
     argv_of, message = BAD_INPUTS[case]
     argv = argv_of(tmp_path)
     capsys.readouterr()  # what building the inputs printed
-    started = []
-    monkeypatch.setattr(launch, "start_run", lambda *args: started.append(args))
-    monkeypatch.setattr(launch, "flwr_environment", lambda *args: started.append(args))
-
-    def main() -> int:
-        try:
-            return launch.main(argv)
-        except SystemExit as stop:  # argparse's exit
-            return int(stop.code)
-
-    code = exit_on_bad_input(main)
+    code, started = launch_in_process(argv, monkeypatch)
     out, err = capsys.readouterr()
     assert (code, started) == (2, [])
     assert len(err.strip().splitlines()) == 1, err

@@ -1,15 +1,13 @@
 """Faults through Flower's simulation: client errors as Ray reports them, a stalled client and
-the round timeout, poisoned replies, and a resume in which every node id changes (the round
-engine's in-process tests, tests/test_engine.py, cover the rest for every method)."""
+the round timeout, poisoned replies (the round engine's in-process tests, tests/test_engine.py,
+cover the rest for every method, and a resume in which every node id changes)."""
 
 import json
 
 import pytest
 
-from fedapps.methods.fedme.strategy import FedMe
 from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
-from tests.helpers import comparable_rounds
 
 pytestmark = pytest.mark.slow
 
@@ -30,27 +28,3 @@ def test_fedme_survives_errors_timeouts_and_poison():
     assert rows[2]["no-reply"] == [3] and "no-reply" not in rows[1]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["after-finetune"]["mean"] > 0.3
-
-
-def test_resume_equals_uninterrupted(monkeypatch):
-    """The restarted run's SuperNodes have new node ids: the checkpoint is by partition."""
-    settings = {**SMALL, "checkpoint-every": 1}
-    whole = simulate({**settings, "run-name": "whole"})
-
-    original = FedMe.aggregate_evaluate
-
-    def crash_in_round_3(self, server_round, replies):
-        if server_round == 3:
-            raise RuntimeError("server killed")
-        return original(self, server_round, replies)
-
-    monkeypatch.setattr(FedMe, "aggregate_evaluate", crash_in_round_3)
-    with pytest.raises(RuntimeError):
-        simulate({**settings, "run-name": "resumed"})
-    assert [r["round"] for r in read_rounds("results/resumed")] == [1, 2]
-    monkeypatch.setattr(FedMe, "aggregate_evaluate", original)
-    resumed = simulate({**settings, "run-name": "resumed"})
-
-    assert comparable_rounds(resumed) == comparable_rounds(whole)
-    assert (json.loads((resumed / "summary.json").read_text())["clients"]
-            == json.loads((whole / "summary.json").read_text())["clients"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import dp_accounting
@@ -25,9 +23,8 @@ from fedapps.protocol.dp import CentralNoise, central_noise, privacy_mod
 from fedapps.protocol.messages import config_record, new_model
 from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
-from tests.helpers import context, message
+from tests.helpers import context, launch_in_process, message
 
-PROJECT = Path(__file__).resolve().parent.parent
 SMALL = {"method": "fedavg", "num-clients": 3, "model": "cnn1", "local-epochs": 1,
          "finetune-epochs": 0}
 
@@ -270,14 +267,14 @@ def test_settings_that_cannot_protect_are_one_line_errors(values, message_start)
 
 @pytest.mark.parametrize(("values", "message_start"), BAD[:2] + BAD[4:5])
 def test_the_launcher_refuses_them_with_exit_2_before_flower_starts(values, message_start,
-                                                                    tmp_path):
+                                                                    monkeypatch, capsys):
     overrides = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
-    done = subprocess.run([sys.executable, "-m", "fedapps.launch", *overrides], cwd=PROJECT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == done.stderr.strip().splitlines()[0]
-    assert done.stderr.startswith(f"error: {message_start}")
-    assert done.stdout == ""  # Flower never ran: it would have printed
+    code, started = launch_in_process(overrides, monkeypatch)
+    out, err = capsys.readouterr()
+    assert (code, started) == (2, [])
+    assert err.strip() == err.strip().splitlines()[0]
+    assert err.startswith(f"error: {message_start}")
+    assert out == ""
 
 
 # ------------------------------------------------------------------------------ whole runs

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from sklearn.cluster import KMeans
 from torch import nn
 
 from fedapps import training, tuning
@@ -62,6 +61,10 @@ def cluster_models(features: np.ndarray, k: int, seed: int, restarts: int = 10) 
     note = "" if k == requested else f"K={requested} capped to {k} distinct model outputs"
     if k == 1:
         return Clustering(np.zeros(len(features), dtype=int), requested, 1, note)
+    # imported here: scikit-learn takes ~2 s to import, and every ClientApp, Ray worker and
+    # SuperNode process imports this module through the registry but never clusters
+    from sklearn.cluster import KMeans
+
     kmeans = KMeans(n_clusters=k, init="k-means++", n_init=restarts, random_state=seed)
     raw = kmeans.fit_predict(features)
     _, labels = np.unique(raw, return_inverse=True)  # compact ids: no empty clusters
