@@ -6,9 +6,8 @@ CONF ?= conf/fedme-digits.toml
 
 # Tests run in parallel workers: most of a Flower test's time is waiting (start-ups, polling),
 # so more workers than cores overlap well; `make test-fast` runs every test that starts no
-# Flower process (the edit loop). The Flower tests come first (tests/conftest.py) and `--dist load
-# --maxschedchunk 1` hands each worker its next test only when it is nearly free: the longest
-# tests start first, spread over the workers (docs/testing.md).
+# Flower process (the edit loop). `--dist worksteal` measured fastest of the schedules tried
+# (docs/testing.md).
 TEST_WORKERS ?= 4
 
 .PHONY: setup run test test-fast lint
@@ -25,7 +24,7 @@ run: setup
 	$(BIN)/python -m fedapps.launch $(CONF)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist worksteal

@@ -27,14 +27,3 @@ def _results_in_tmp(tmp_path, monkeypatch):
     """Runs started by tests write their results under the test's own folder."""
     monkeypatch.chdir(tmp_path)
 
-
-# real SuperLink/SuperNode processes: the longest tests (minutes each, mostly Flower's polling)
-REAL_DEPLOYMENTS = ("test_deployment.py", "test_tls_auth.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest first: real deployments, then the other tests that start Flower, then the rest.
-    With `--dist load` the workers take the long ones while the quick ones wait, so no
-    minutes-long test starts last and runs alone."""
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
-                                 item.path.name not in REAL_DEPLOYMENTS))
