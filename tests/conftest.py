@@ -26,4 +26,3 @@ def npz_images(tmp_path):
 def _results_in_tmp(tmp_path, monkeypatch):
     """Runs started by tests write their results under the test's own folder."""
     monkeypatch.chdir(tmp_path)
-
