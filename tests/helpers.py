@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import dp_accounting
+from dp_accounting import rdp
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -59,3 +61,11 @@ def launch_in_process(argv: list[str], monkeypatch) -> tuple[int, list]:
             return int(stop.code)
 
     return exit_on_bad_input(main), started
+
+
+def library_epsilon(z: float, releases: int, delta: float) -> float:
+    """dp-accounting's own answer, without Flower's wrapper or ours."""
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant.compose(dp_accounting.GaussianDpEvent(z), releases)
+    return accountant.get_epsilon(delta)

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from fedapps.config import ConfigError, RunConfig, app_defaults, markdown_table
+from fedapps.config import (
+    ConfigError,
+    RunConfig,
+    app_defaults,
+    exit_on_bad_input,
+    markdown_table,
+)
+from fedapps.deploy import main as deploy_main
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -36,10 +43,16 @@ def test_tables_and_dotted_keys_are_the_same_config():
             == RunConfig.from_mapping({"fedme.init-arch": "cnn1"}))
 
 
-# the launcher's bad configs run in process (tests/test_exit_status.py: BAD_INPUTS, and one
-# subprocess per command there); these are the commands with no in-process test
+def test_the_deploy_command_refuses_a_bad_config_in_one_line(capsys):
+    code = exit_on_bad_input(lambda: deploy_main(["--set", "lr=-1.0"]))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: lr=-1.0: must be > 0")
+
+
+# the launcher's and deploy's bad configs run in process (tests/test_exit_status.py: BAD_INPUTS,
+# and one subprocess per command there); these are the scripts with no in-process test
 @pytest.mark.parametrize(("command", "message"), [
-    (["-m", "fedapps.deploy", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
     (["benchmarks/async_distill.py", "--set", "lr=-1.0"], "lr=-1.0: must be > 0"),
     (["benchmarks/compare_digits.py", "--rounds", "0"], "num-rounds=0: must be >= 1"),
 ])

@@ -34,13 +34,8 @@ FEDAVG = {"method": "fedavg", "num-clients": 3, "num-rounds": 2, "local-epochs":
           "finetune-epochs": 1, "model": "cnn1"}
 
 
-def run_config(tmp_path: Path, **overrides: object) -> Path:
-    values = resolve(None, {**SMALL, "results-dir": str(tmp_path / "results"), **overrides})
-    return write_run_config(values, tmp_path / "run-config.toml")
-
-
 def results_folder(tmp_path: Path) -> Path | None:
-    folders = list((tmp_path / "results").glob("fedme-digits-*"))
+    folders = list((tmp_path / "results").glob("fedme-*"))
     return folders[0] if folders else None
 
 
@@ -75,26 +70,48 @@ def finish(deploy: Deployment, run, timeout_s: float) -> int:
         raise
 
 
-def test_fedme_on_real_processes_finishes_when_a_supernode_dies(tmp_path):
-    """2 FedMe rounds on a real SuperLink and 3 real SuperNodes; round 1 has all three.
+def test_fedme_on_devices_with_only_their_own_files_finishes_when_one_dies(tmp_path):
+    """The deployment of issue 15 rehearsed, and a device lost mid-run (one deployment for both:
+    each costs a SuperLink, SuperNodes and a ClientApp process per message).
 
-    Partition 2's SuperNode is then killed: later phases go on without it (after
-    ``round-timeout`` or once the SuperLink marks it offline), fine-tuning has the two others.
+    ``fedapps.data.split`` writes one file per device and the server's; each real SuperNode gets
+    only its file (no partition-id in its node config) and the ServerApp only ``server.npz``,
+    which holds the unlabeled pool and nothing of the clients'. FedMe runs (it is the method that
+    needs the pool; every other method on device files is tests/test_devices.py, in process: the
+    same handlers read the same files): 2 rounds, round 1 with all three devices. Device 2's
+    SuperNode is then killed: later phases go on without it (after ``round-timeout`` or once the
+    SuperLink marks it offline), fine-tuning has the two others.
 
     The timeout leaves healthy replies a wide margin: a phase can take 20-30 s on a busy CPU.
+    Clients are tested in the last round only (``eval-every``): each phase costs every SuperNode
+    a ClientApp process.
     """
-    with deployment(3, tmp_path / "flwr") as deploy:
-        run = deploy.start_run(run_config(tmp_path, **{"round-timeout": 60.0}))
+    config = RunConfig.from_mapping(resolve(None, SMALL))
+    split_for_devices(config, tmp_path / "devices")
+    server = read_device_file(str(tmp_path / "devices" / "server.npz"))
+    assert len(server.y) == len(partition_for(config).unlabeled)  # the pool and nothing else
+    devices = device_node_configs(tmp_path / "devices")
+    assert all("partition-id" not in node for node in devices)
+    values = device_run_config(
+        resolve(None, {**SMALL, "results-dir": str(tmp_path / "results"), "round-timeout": 60.0,
+                       "eval-every": 2}),
+        tmp_path / "devices")
+    with deployment(len(devices), tmp_path / "flwr", devices=devices) as deploy:
+        run = deploy.start_run(write_run_config(values, tmp_path / "fedme.toml"), name="fedme")
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not ((folder := results_folder(tmp_path)) and read_rounds(folder)):
-            assert run.poll() is None, deploy.log_tail("flwr-run")
-            assert time.monotonic() < deadline, deploy.log_tail("flwr-run")
+            assert run.poll() is None, deploy.log_tail("fedme")
+            assert time.monotonic() < deadline, deploy.log_tail("fedme")
             time.sleep(1)
         deploy.kill_supernode(2)
         code = finish(deploy, run, deadline - time.monotonic())
         started = process_trees(deploy)
-        assert code == 0, deploy.log_tail("flwr-run")
+        assert code == 0, deploy.log_tail("fedme")
     assert_all_gone(started)
+    roster = json.loads((folder / "clients.json").read_text())
+    assert {entry["device"] for entry in roster.values()} == {
+        "device-000", "device-001", "device-002"}
+    assert not (folder / "partition.json").exists()
     rows = read_rounds(folder)
     assert [row["round"] for row in rows] == [1, 2]
     assert rows[0]["replies"] == 3 and rows[1]["replies"] == 2
@@ -118,7 +135,7 @@ def test_every_process_is_stopped_when_the_caller_fails(tmp_path):
 def test_async_distill_as_two_runs_on_one_real_superlink(tmp_path):
     """The distillation server and the averaging server as two `flwr run`s on one SuperLink
     with real SuperNodes; the distillation run trains no client and needs none to answer."""
-    settings = {"method": "async-averaging", "num-clients": 2, "num-rounds": 3,
+    settings = {"method": "async-averaging", "num-clients": 2, "num-rounds": 2,
                 "model": "cnn-small", "partitioner": "iid", "local-epochs": 2,
                 "unlabeled-size": 400,
                 "distill.global-model": "cnn2", "distill.epochs": 2, "distill.lr": 0.05,
@@ -134,11 +151,11 @@ def test_async_distill_as_two_runs_on_one_real_superlink(tmp_path):
         assert codes == [0, 0], deploy.log_tail("distillation") + deploy.log_tail("averaging")
     [averaged] = (tmp_path / "results").glob("async-averaging-*")
     [distilled] = (tmp_path / "results").glob("async-distillation-*")
-    assert [row["round"] for row in read_rounds(averaged)] == [1, 2, 3]
-    assert open_channel("directory", tmp_path / "channel").latest_version("distilled") == 3
+    assert [row["round"] for row in read_rounds(averaged)] == [1, 2]
+    assert open_channel("directory", tmp_path / "channel").latest_version("distilled") == 2
     tests = read_log(distilled / GLOBAL_LOG)
     assert [t["version"] for t in tests] == sorted(t["version"] for t in tests)
-    assert tests[-1]["version"] == 3 and tests[-1]["accuracy"] > tests[0]["accuracy"]
+    assert tests[-1]["version"] == 2 and tests[-1]["accuracy"] > tests[0]["accuracy"]
 
 
 def test_a_supernode_that_dies_at_start_is_reported_with_its_log(tmp_path):
@@ -150,37 +167,11 @@ def test_a_supernode_that_dies_at_start_is_reported_with_its_log(tmp_path):
             deploy.wait_for_supernodes()
 
 
-def test_devices_with_only_their_own_files_run_fedme(tmp_path):
-    """The deployment of issue 15 rehearsed: ``fedapps.data.split`` writes one file per device
-    and the server's; each real SuperNode gets only its file (no partition-id in its node
-    config) and the ServerApp only ``server.npz``, which holds the unlabeled pool and nothing of
-    the clients'. FedMe runs: it is the method that needs the pool. Every other method on device
-    files is tests/test_devices.py (in process: the same handlers read the same files)."""
-    config = RunConfig.from_mapping(resolve(None, {**SMALL, "num-rounds": 1}))
-    split_for_devices(config, tmp_path / "devices")
-    server = read_device_file(str(tmp_path / "devices" / "server.npz"))
-    assert len(server.y) == len(partition_for(config).unlabeled)  # the pool and nothing else
-    devices = device_node_configs(tmp_path / "devices")
-    assert all("partition-id" not in node for node in devices)
-    with deployment(len(devices), tmp_path / "flwr", devices=devices) as deploy:
-        values = device_run_config(
-            resolve(None, {**SMALL, "num-rounds": 1, "results-dir": str(tmp_path / "results")}),
-            tmp_path / "devices")
-        run = deploy.start_run(write_run_config(values, tmp_path / "fedme.toml"), name="fedme")
-        assert finish(deploy, run, RUN_TIMEOUT_S) == 0, deploy.log_tail("fedme")
-    [folder] = (tmp_path / "results").glob("fedme-devices-*")
-    roster = json.loads((folder / "clients.json").read_text())
-    assert {entry["device"] for entry in roster.values()} == {
-        "device-000", "device-001", "device-002"}
-    assert not (folder / "partition.json").exists()
-    assert json.loads((folder / "summary.json").read_text())["after-finetune"]["mean"] > 0.1
-
-
 def test_the_rehearsal_exits_non_zero_when_the_serverapp_fails(tmp_path, capsys):
     """Flower's CLI exits 0 for a failed run; `python -m fedapps.deploy` reads the run's own
     summary and exits 1 with the reason as its last line."""
     code = deploy_main([*(part for key, value in {
-        **FEDAVG, "num-rounds": 2, "fault-injection": "error:server:1",
+        **FEDAVG, "num-clients": 2, "num-rounds": 2, "fault-injection": "error:server:1",
         "results-dir": str(tmp_path / "results")}.items()
         for part in ("--set", f"{key}={json.dumps(value)}")), "--home", str(tmp_path / "flwr")])
     [folder] = (tmp_path / "results").iterdir()

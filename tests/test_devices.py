@@ -19,12 +19,13 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from fedapps import inprocess
-from fedapps.config import PROJECT, ConfigError, RunConfig, app_defaults
+from fedapps.config import PROJECT, ConfigError, RunConfig, app_defaults, exit_on_bad_input
 from fedapps.data.devices import node_config_line, read_device_file
 from fedapps.data.federated import client_data, dataset_for, partition_for
 from fedapps.data.registry import DataError
 from fedapps.data.split import split_for_devices
 from fedapps.deploy import device_node_configs, device_run_config
+from fedapps.deploy import main as deploy_main
 from fedapps.inprocess import run_in_process
 from tests.helpers import comparable_rounds
 from tests.test_engine import SECTIONS, TINY
@@ -261,13 +262,14 @@ def test_malformed_device_files_are_named(tmp_path, content, message):
         read_device_file(str(path))
 
 
-def test_split_and_deploy_commands_report_bad_input_in_one_line(tmp_path):
-    for command in (
-        ["-m", "fedapps.data.split", "--out", str(tmp_path), "--set", "dataset='devices'",
-         "--set", f"data-path='{tmp_path}'"],
-        ["-m", "fedapps.deploy", "--devices", str(tmp_path / "none")],
-    ):
-        done = subprocess.run([PYTHON, *command], cwd=PROJECT, capture_output=True, text=True,
-                              timeout=120, check=False)
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+def test_split_and_deploy_commands_report_bad_input_in_one_line(tmp_path, capsys):
+    """The split command as a subprocess (its one wiring test); the deploy command's own
+    subprocess test is test_exit_status::test_the_commands_refuse_bad_data_with_exit_2."""
+    done = subprocess.run([PYTHON, "-m", "fedapps.data.split", "--out", str(tmp_path), "--set",
+                           "dataset='devices'", "--set", f"data-path='{tmp_path}'"],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    code = exit_on_bad_input(lambda: deploy_main(["--devices", str(tmp_path / "none")]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --devices "), err

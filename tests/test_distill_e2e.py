@@ -22,7 +22,7 @@ from fedapps.training import EvalResult
 pytestmark = pytest.mark.slow
 
 SMALL = {"dataset": "digits", "num-clients": 2, "partitioner": "iid", "model": "cnn-small",
-         "distill.global-model": "cnn2", "local-epochs": 3, "distill.epochs": 2, "distill.lr": 0.05,
+         "distill.global-model": "cnn2", "local-epochs": 2, "distill.epochs": 2, "distill.lr": 0.05,
          "unlabeled-size": 400}
 # A distillation pass this slow outlasts several averaging rounds even on a machine busy with
 # other tests (a round of these two small clients takes 1-8 s), so the test does not depend on

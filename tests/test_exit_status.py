@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedapps.config import PROJECT
+from fedapps.config import PROJECT, RunConfig
+from fedapps.data.split import split_for_devices
 from fedapps.inprocess import run_in_process
 from fedapps.launch import outcome_of
+from fedapps.privacy import NOISE_SD_KEY
 from fedapps.protocol.results import ERROR_LOG, FAILED, read_rounds
-from tests.helpers import launch_in_process
+from tests.helpers import launch_in_process, library_epsilon
 
 FEDAVG = {"method": "fedavg", "num-clients": 3, "model": "cnn1", "local-epochs": 1,
           "finetune-epochs": 1}
@@ -54,10 +56,10 @@ def text_file(tmp_path: Path, name: str, text: str) -> str:
 
 
 def device_file(tmp_path: Path) -> str:
-    """A device's own file (python -m fedapps.data.split), given where the server's belongs."""
+    """A device's own file (what python -m fedapps.data.split writes), given where the
+    server's belongs."""
     out = tmp_path / "devices"
-    subprocess.run([sys.executable, "-m", "fedapps.data.split", "--set", "num-clients=2",
-                    "--out", str(out)], cwd=PROJECT, check=True, capture_output=True)
+    split_for_devices(RunConfig(num_clients=2), out)
     return str(next(out.glob("device-*.npz")))
 
 
@@ -196,36 +198,26 @@ def test_the_outcome_is_completed_only_when_every_summary_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_serverapp_failing_mid_run_exits_non_zero_with_its_reason_last(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "fedapps.launch",
-         *sets(*(f"{k}={json.dumps(v)}" for k, v in FEDAVG.items()), "num-rounds=3",
-               "fault-injection=error:server:2", f"results-dir='{tmp_path}'")],
-        cwd=PROJECT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1, done.stderr[-2000:]
-    [folder] = tmp_path.iterdir()
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: RuntimeError: fault-injection: the server fails in round 2 "
-        f"(traceback: {folder / ERROR_LOG})")
-    assert json.loads((folder / "summary.json").read_text())["status"] == FAILED
-    assert [row["round"] for row in read_rounds(folder)] == [1]
-
-
-@pytest.mark.slow
-def test_two_launches_side_by_side_keep_their_own_settings(tmp_path):
+def test_two_launches_side_by_side_keep_their_own_settings_and_a_failure_exits_1(tmp_path):
     """Two conf files started together from one checkout, one results folder: each run holds
-    its own settings and rounds (they once both ran the second one)."""
+    its own settings and rounds (they once both ran the second one). The first one's ServerApp
+    fails in round 2: that launch exits 1 with the reason as its last line and its folder says
+    failed, while the other completes with central DP, which is thereby tested through
+    ``flwr run`` (Flower's strategy wrapper and clipping mod; tests/test_privacy.py has the
+    rest in process). Two launches test all three: each costs a Ray cluster."""
     processes = []
-    for rounds, seed in ((1, 11), (2, 12)):
+    dp = {"privacy.mode": "central", "privacy.noise-multiplier": 0.7}
+    for rounds, seed, own in ((3, 11, {"fault-injection": "error:server:2"}), (2, 12, dp)):
         conf = tmp_path / f"conf-{rounds}.toml"
         conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
-            **FEDAVG, "num-rounds": rounds, "seed": seed, "results-dir": str(tmp_path / "res"),
+            **FEDAVG, "num-rounds": rounds, "seed": seed, **own,
+            "results-dir": str(tmp_path / "res"),
         }.items()))
         processes.append(subprocess.Popen([sys.executable, "-m", "fedapps.launch", str(conf)],
                                           cwd=PROJECT, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True))
     errors = [process.communicate(timeout=600)[1] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], errors
+    assert [process.returncode for process in processes] == [1, 0], errors
     runs = {}
     for folder in (tmp_path / "res").iterdir():
         roster = json.loads((folder / "clients.json").read_text())
@@ -233,4 +225,15 @@ def test_two_launches_side_by_side_keep_their_own_settings(tmp_path):
         config = json.loads((folder / "config.json").read_text())
         runs[config["seed"]] = (config["num-rounds"], len(read_rounds(folder)),
                                 json.loads((folder / "summary.json").read_text())["status"])
-    assert runs == {11: (1, 1, "completed"), 12: (2, 2, "completed")}
+        if config["seed"] == 11:
+            assert errors[0].strip().splitlines()[-1] == (
+                "error: RuntimeError: fault-injection: the server fails in round 2 "
+                f"(traceback: {folder / ERROR_LOG})")
+            assert config["privacy.mode"] == "none"
+        else:
+            report = json.loads((folder / "privacy.json").read_text())
+            assert report["mode"] == "central" and report["releases"] == 2
+            assert report["epsilon"] == pytest.approx(library_epsilon(0.7, 2, 1e-5), rel=1e-9)
+            assert [row[NOISE_SD_KEY] for row in read_rounds(folder)] == [
+                pytest.approx(0.7 * 1.0 / 3)] * 2
+    assert runs == {11: (3, 1, FAILED), 12: (2, 2, "completed")}

@@ -7,11 +7,9 @@ import json
 import math
 from pathlib import Path
 
-import dp_accounting
 import numpy as np
 import pytest
 import torch
-from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
@@ -23,7 +21,7 @@ from fedapps.protocol.dp import CentralNoise, central_noise, privacy_mod
 from fedapps.protocol.messages import config_record, new_model
 from fedapps.protocol.results import read_rounds
 from fedapps.simulation import simulate
-from tests.helpers import context, launch_in_process, message
+from tests.helpers import context, launch_in_process, library_epsilon, message
 
 SMALL = {"method": "fedavg", "num-clients": 3, "model": "cnn1", "local-epochs": 1,
          "finetune-epochs": 0}
@@ -193,14 +191,6 @@ def test_the_averaging_server_hands_on_only_the_noised_average():
 # ------------------------------------------------------------------------------ accounting
 
 
-def library_epsilon(z: float, releases: int, delta: float) -> float:
-    """dp-accounting's own answer, without Flower's wrapper or ours."""
-    accountant = rdp.RdpAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    accountant.compose(dp_accounting.GaussianDpEvent(z), releases)
-    return accountant.get_epsilon(delta)
-
-
 def test_the_reported_epsilon_is_the_accountants():
     config = RunConfig.from_mapping({**SMALL, "num-clients": 20, "privacy.mode": "central",
                                      "privacy.noise-multiplier": 1.1, "privacy.delta": 1e-5})
@@ -287,8 +277,10 @@ def final_arrays(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("runner", [run_in_process, pytest.param(simulate,
                                                                  marks=pytest.mark.slow)])
 def test_secagg_fedavg_equals_plain_fedavg_within_quantization(runner, tmp_path):
+    """SecAgg+ through ``runner`` against plain FedAvg in process: the reference needs no
+    Flower (the round engine is the same), so the Flower case starts one simulation, not two."""
     settings = {**SMALL, "num-rounds": 1, "checkpoint-every": 1, "results-dir": str(tmp_path)}
-    plain = runner(settings)
+    plain = run_in_process(settings)
     secure = runner({**settings, "privacy.secagg": 1})
     largest = max(float((a - b).abs().max()) for a, b in
                   zip(final_arrays(plain).values(), final_arrays(secure).values()))
@@ -302,10 +294,11 @@ def test_secagg_fedavg_equals_plain_fedavg_within_quantization(runner, tmp_path)
     assert summary["privacy"] == {"mode": "none", "secagg": 1}
 
 
-@pytest.mark.slow
 def test_fedavg_with_central_dp_end_to_end(tmp_path, capsys):
-    folder = simulate({**SMALL, "num-rounds": 2, "results-dir": str(tmp_path),
-                       "privacy.mode": "central", "privacy.noise-multiplier": 0.7})
+    """In process; the Flower path of central DP (Flower's strategy wrapper and clipping mod
+    through ``flwr run``) is test_exit_status::test_two_launches_side_by_side_..."""
+    folder = run_in_process({**SMALL, "num-rounds": 2, "results-dir": str(tmp_path),
+                             "privacy.mode": "central", "privacy.noise-multiplier": 0.7})
     rows = read_rounds(folder)
     assert [row[privacy.NOISE_SD_KEY] for row in rows] == [pytest.approx(0.7 * 1.0 / 3)] * 2
     report = json.loads((folder / "privacy.json").read_text())
