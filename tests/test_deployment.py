@@ -134,8 +134,11 @@ def test_every_process_is_stopped_when_the_caller_fails(tmp_path):
 
 def test_async_distill_as_two_runs_on_one_real_superlink(tmp_path):
     """The distillation server and the averaging server as two `flwr run`s on one SuperLink
-    with real SuperNodes; the distillation run trains no client and needs none to answer."""
+    with real SuperNodes; the distillation run trains no client and needs none to answer.
+    Per-round distillation: the same wiring as continuous mode's (tested in process), without
+    a core spent distilling for the whole run."""
     settings = {"method": "async-averaging", "num-clients": 2, "num-rounds": 2,
+                "distill.mode": "per-round",
                 "model": "cnn-small", "partitioner": "iid", "local-epochs": 2,
                 "unlabeled-size": 400,
                 "distill.global-model": "cnn2", "distill.epochs": 2, "distill.lr": 0.05,

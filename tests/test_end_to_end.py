@@ -58,9 +58,12 @@ def test_the_deprecated_in_process_simulation_still_works():
     assert {client["niceness"] for client in roster.values()} == {0}  # Ray's default is 15
 
 
+# per-round distillation: the wiring is the same as continuous mode's (tested in process in
+# tests/test_distill_e2e.py), without a core spent distilling for the whole run
 ASYNC = {"method": "async-distill", "dataset": "digits", "num-clients": 2, "partitioner": "iid",
          "model": "cnn-small", "distill.global-model": "cnn2", "num-rounds": 2,
-         "local-epochs": 2, "distill.epochs": 2, "distill.lr": 0.05, "unlabeled-size": 400}
+         "distill.mode": "per-round", "local-epochs": 2, "distill.epochs": 2, "distill.lr": 0.05,
+         "unlabeled-size": 400}
 
 
 def test_async_distill_under_flwr_run_is_two_runs_on_one_superlink(tmp_path):

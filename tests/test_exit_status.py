@@ -17,7 +17,7 @@ from fedapps.inprocess import run_in_process
 from fedapps.launch import outcome_of
 from fedapps.privacy import NOISE_SD_KEY
 from fedapps.protocol.results import ERROR_LOG, FAILED, read_rounds
-from tests.helpers import launch_in_process, library_epsilon
+from tests.helpers import SECAGG_TOLERANCE, largest_difference, launch_in_process, library_epsilon
 
 FEDAVG = {"method": "fedavg", "num-clients": 3, "model": "cnn1", "local-epochs": 1,
           "finetune-epochs": 1}
@@ -201,13 +201,16 @@ def test_the_outcome_is_completed_only_when_every_summary_says_so(tmp_path):
 def test_two_launches_side_by_side_keep_their_own_settings_and_a_failure_exits_1(tmp_path):
     """Two conf files started together from one checkout, one results folder: each run holds
     its own settings and rounds (they once both ran the second one). The first one's ServerApp
-    fails in round 2: that launch exits 1 with the reason as its last line and its folder says
-    failed, while the other completes with central DP, which is thereby tested through
-    ``flwr run`` (Flower's strategy wrapper and clipping mod; tests/test_privacy.py has the
-    rest in process). Two launches test all three: each costs a Ray cluster."""
+    fails in round 3: that launch exits 1 with the reason as its last line and its folder says
+    failed. The other completes with central DP and SecAgg+, which are thereby tested through
+    ``flwr run`` (Flower's strategy wrapper, clipping mod and SecAgg+ workflow): the epsilon is
+    dp-accounting's, and the model equals the same run without SecAgg+ in process within
+    SecAgg+'s quantization (the noise is seeded; tests/test_privacy.py has the rest in process).
+    Two launches test all of it: each costs a Ray cluster."""
     processes = []
-    dp = {"privacy.mode": "central", "privacy.noise-multiplier": 0.7}
-    for rounds, seed, own in ((3, 11, {"fault-injection": "error:server:2"}), (2, 12, dp)):
+    private = {"privacy.mode": "central", "privacy.noise-multiplier": 0.7, "privacy.secagg": 1,
+               "checkpoint-every": 1}
+    for rounds, seed, own in ((4, 11, {"fault-injection": "error:server:3"}), (1, 12, private)):
         conf = tmp_path / f"conf-{rounds}.toml"
         conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
             **FEDAVG, "num-rounds": rounds, "seed": seed, **own,
@@ -227,13 +230,16 @@ def test_two_launches_side_by_side_keep_their_own_settings_and_a_failure_exits_1
                                 json.loads((folder / "summary.json").read_text())["status"])
         if config["seed"] == 11:
             assert errors[0].strip().splitlines()[-1] == (
-                "error: RuntimeError: fault-injection: the server fails in round 2 "
+                "error: RuntimeError: fault-injection: the server fails in round 3 "
                 f"(traceback: {folder / ERROR_LOG})")
-            assert config["privacy.mode"] == "none"
-        else:
-            report = json.loads((folder / "privacy.json").read_text())
-            assert report["mode"] == "central" and report["releases"] == 2
-            assert report["epsilon"] == pytest.approx(library_epsilon(0.7, 2, 1e-5), rel=1e-9)
-            assert [row[NOISE_SD_KEY] for row in read_rounds(folder)] == [
-                pytest.approx(0.7 * 1.0 / 3)] * 2
-    assert runs == {11: (3, 1, FAILED), 12: (2, 2, "completed")}
+            assert config["privacy.mode"] == "none" and config["privacy.secagg"] == 0
+            continue
+        report = json.loads((folder / "privacy.json").read_text())
+        assert report["mode"] == "central" and report["releases"] == 1
+        assert report["epsilon"] == pytest.approx(library_epsilon(0.7, 1, 1e-5), rel=1e-9)
+        [row] = read_rounds(folder)
+        assert row[NOISE_SD_KEY] == pytest.approx(0.7 * 1.0 / 3) and row["replies"] == 3
+        plain = run_in_process({**config, "privacy.secagg": 0, "run-name": "plain",
+                                "results-dir": str(tmp_path / "plain")})
+        assert 0 < largest_difference(plain, folder) < SECAGG_TOLERANCE
+    assert runs == {11: (4, 2, FAILED), 12: (1, 1, "completed")}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,14 @@ from fedapps.methods.distill.averaging import HookedFedAvg
 from fedapps.protocol.dp import CentralNoise, central_noise, privacy_mod
 from fedapps.protocol.messages import config_record, new_model
 from fedapps.protocol.results import read_rounds
-from fedapps.simulation import simulate
-from tests.helpers import context, launch_in_process, library_epsilon, message
+from tests.helpers import (
+    SECAGG_TOLERANCE,
+    context,
+    largest_difference,
+    launch_in_process,
+    library_epsilon,
+    message,
+)
 
 SMALL = {"method": "fedavg", "num-clients": 3, "model": "cnn1", "local-epochs": 1,
          "finetune-epochs": 0}
@@ -270,23 +275,13 @@ def test_the_launcher_refuses_them_with_exit_2_before_flower_starts(values, mess
 # ------------------------------------------------------------------------------ whole runs
 
 
-def final_arrays(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "checkpoint.pt", weights_only=False)["arrays"]
-
-
-@pytest.mark.parametrize("runner", [run_in_process, pytest.param(simulate,
-                                                                 marks=pytest.mark.slow)])
-def test_secagg_fedavg_equals_plain_fedavg_within_quantization(runner, tmp_path):
-    """SecAgg+ through ``runner`` against plain FedAvg in process: the reference needs no
-    Flower (the round engine is the same), so the Flower case starts one simulation, not two."""
+def test_secagg_fedavg_equals_plain_fedavg_within_quantization(tmp_path):
+    """In process; SecAgg+ through ``flwr run`` is
+    test_exit_status::test_two_launches_side_by_side_..."""
     settings = {**SMALL, "num-rounds": 1, "checkpoint-every": 1, "results-dir": str(tmp_path)}
     plain = run_in_process(settings)
-    secure = runner({**settings, "privacy.secagg": 1})
-    largest = max(float((a - b).abs().max()) for a, b in
-                  zip(final_arrays(plain).values(), final_arrays(secure).values()))
-    # Flower quantizes to 2^22 levels over [-8, 8] (steps of 3.8e-6): close, but not the same
-    # numbers, so the secure sum really ran
-    assert 0 < largest < 2e-5
+    secure = run_in_process({**settings, "privacy.secagg": 1})
+    assert 0 < largest_difference(plain, secure) < SECAGG_TOLERANCE
     [plain_round], [secure_round] = read_rounds(plain), read_rounds(secure)
     assert secure_round["replies"] == 3
     assert secure_round["train-loss"] == pytest.approx(plain_round["train-loss"])
