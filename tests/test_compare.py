@@ -30,39 +30,44 @@ def test_bad_specs_fail_before_any_run(tmp_path):
 
 
 def test_in_process_engine_gives_one_row_per_method_and_reports_a_failure(tmp_path):
+    lines = []
     broken = ("fedavg-broken", {"method": "fedavg", "fault-injection": "error:server:2"})
     result = compare(["fedavg", broken], "digits", [0], num_clients=3, num_rounds=2,
-                     model="cnn1", local_epochs=1, results_dir=tmp_path, progress=None,
-                     engine="in-process")
-    ok, failed = result.table.to_dict("records")
-    assert ok["method"] == "fedavg" and ok["status"] == "ok" and ok["accuracy"] > 0
-    assert set(result.curves["round"]) == {1, 2}
-    assert failed["status"] == "1 of 1 FAILED" and math.isnan(failed["accuracy"])
+                     model="cnn1", local_epochs=1, results_dir=tmp_path / "runs",
+                     progress=lines.append, engine="in-process")
+    table = result.table
+    assert list(table["method"]) == ["fedavg", "fedavg-broken"]
+    ok, failed = table.to_dict("records")
+    assert ok["runs"] == "1/1" and ok["status"] == "ok" and not ok["error"] and ok["accuracy"] > 0
+    assert failed["runs"] == "0/1" and failed["status"] == "1 of 1 FAILED"
     assert failed["error"] == "seed 0: RuntimeError: fault-injection: the server fails in round 2"
+    assert math.isnan(failed["accuracy"])
+    assert len(lines) == 2 and "FAILED" in lines[1]
+    assert set(result.curves["method"]) == {"fedavg"} and set(result.curves["round"]) == {1, 2}
+    markdown = result.to_markdown()
+    assert "| fedavg |" in markdown and "| fedavg-broken | – |" in markdown
+    saved = result.save(tmp_path / "out")
+    for name in ("table.md", "table.csv", "accuracy_by_round.png"):
+        assert saved[name].stat().st_size > 0
     with pytest.raises(ValueError, match="engine='ray'"):
         compare(["fedavg"], results_dir=tmp_path, engine="ray")
 
 
 @pytest.mark.slow
-def test_one_row_per_method_and_a_failure_is_reported(tmp_path):
+def test_a_failure_through_flower_is_reported_with_its_reason(tmp_path):
+    """compare() through ``flwr run``: the launch, Flower's log next to the run and the reason
+    read back from the failed run. One launch (each costs a Ray cluster): the table of completed
+    and failed methods together is the in-process test above, the same code after the run."""
     lines = []
     broken = ("fedavg-broken", {"method": "fedavg", "fault-injection": "error:server:1"})
-    result = compare(["centralized", broken], "digits", [0], num_clients=3, num_rounds=1,
-                     model="cnn1", results_dir=tmp_path / "runs", progress=lines.append)
-    table = result.table
-    assert list(table["method"]) == ["centralized", "fedavg-broken"]
-    ok, failed = table.to_dict("records")
-    assert ok["runs"] == "1/1" and ok["status"] == "ok" and not ok["error"] and ok["accuracy"] > 0
+    result = compare([broken], "digits", [0], num_clients=3, num_rounds=1, model="cnn1",
+                     results_dir=tmp_path / "runs", progress=lines.append)
+    [failed] = result.table.to_dict("records")
     assert failed["runs"] == "0/1" and failed["status"] == "1 of 1 FAILED"
     assert "the server fails in round 1" in failed["error"] and math.isnan(failed["accuracy"])
-    assert len(lines) == 2 and "FAILED" in lines[1]
-    assert set(result.curves["method"]) == {"centralized"}
-    markdown = result.to_markdown()
-    assert "| centralized |" in markdown and "| fedavg-broken | – |" in markdown
-    saved = result.save(tmp_path / "out")
-    for name in ("table.md", "table.csv", "accuracy_by_round.png"):
-        assert saved[name].stat().st_size > 0
-    assert (tmp_path / "runs" / "centralized" / "seed0" / "flwr.log").stat().st_size > 0
+    assert len(lines) == 1 and "FAILED" in lines[0]
+    assert "| fedavg-broken | – |" in result.to_markdown()
+    assert (tmp_path / "runs" / "fedavg-broken" / "seed0" / "flwr.log").stat().st_size > 0
 
 
 @pytest.mark.slow  # a Jupyter kernel
@@ -74,7 +79,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
         "methods": [["fedme-cnn1", {"method": "fedme", "fedme.init-arch": "cnn1"}]],
         "seeds": [0], "num_clients": 3, "num_rounds": 2,
         "results_dir": str(tmp_path / "runs"),
-        # compare() through Flower is test_one_row_per_method_and_a_failure_is_reported
+        # compare() through Flower is test_a_failure_through_flower_is_reported_with_its_reason
         "engine": "in-process",
     }))
     committed = NOTEBOOK.read_bytes()
