@@ -262,16 +262,16 @@ def compare(
 def _run(label: str, seed: int, values: dict[str, Any], engine: Engine) -> RunResult:
     """One run; a failure becomes the result's error (the other runs go on)."""
     started = time.perf_counter()
-    log = Path(values["results-dir"]) / "flwr.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     try:
         if engine == "in-process":
             folder, failure = run_in_process(values), ""
         else:
+            log = Path(values["results-dir"]) / "flwr.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
             outcome = run_experiment(values, output=log)
             folder = outcome.folders[-1] if outcome.folders else None
-            failure = (outcome.reason or f"flwr run exited with {outcome.code}"
-                       if outcome.code or folder is None else "")
+            # the launcher's own reason: a failed run's, or "exited with N" / "wrote no results"
+            failure = outcome.reason if outcome.code or folder is None else ""
     except Exception as error:  # e.g. Flower could not start: this run fails, not the others
         return RunResult(label, seed, time.perf_counter() - started,
                          error=one_line_reason(error))

@@ -30,7 +30,7 @@ SMALL = {
     "method": "fedme", "num-clients": 3, "num-rounds": 2, "fedme.local-best-epochs": 1,
     "local-epochs": 1, "finetune-epochs": 1, "fedme.candidate-models": "cnn1,cnn2",
 }
-FEDAVG = {"method": "fedavg", "num-clients": 3, "num-rounds": 2, "local-epochs": 1,
+FEDAVG = {"method": "fedavg", "num-clients": 2, "num-rounds": 2, "local-epochs": 1,
           "finetune-epochs": 1, "model": "cnn1"}
 
 
@@ -174,7 +174,7 @@ def test_the_rehearsal_exits_non_zero_when_the_serverapp_fails(tmp_path, capsys)
     """Flower's CLI exits 0 for a failed run; `python -m fedapps.deploy` reads the run's own
     summary and exits 1 with the reason as its last line."""
     code = deploy_main([*(part for key, value in {
-        **FEDAVG, "num-clients": 2, "num-rounds": 2, "fault-injection": "error:server:1",
+        **FEDAVG, "fault-injection": "error:server:1",
         "results-dir": str(tmp_path / "results")}.items()
         for part in ("--set", f"{key}={json.dumps(value)}")), "--home", str(tmp_path / "flwr")])
     [folder] = (tmp_path / "results").iterdir()
