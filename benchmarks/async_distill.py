@@ -54,9 +54,9 @@ sys.path.insert(0, str(PROJECT))
 
 from fedapps.config import (  # noqa: E402
     CommandLine,
-    exit_on_bad_input,
     parse_override,
     resolve,
+    run_command,
 )
 from fedapps.launch import run_experiment  # noqa: E402
 from fedapps.methods.distill.distillation import GLOBAL_LOG, PASSES_LOG, read_log  # noqa: E402
@@ -400,4 +400,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

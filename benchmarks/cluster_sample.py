@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedapps.config import CommandLine, exit_on_bad_input
+from fedapps.config import CommandLine, run_command
 
 OUT = Path(__file__).parent / "results" / "cluster-sample"
 SETTINGS = {"method": "fedme", "dataset": "digits28", "num-clients": 20,
@@ -129,4 +128,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fedapps.compare import Comparison, compare
-from fedapps.config import CommandLine, exit_on_bad_input
+from fedapps.config import CommandLine, run_command
 
 METHODS = [
     "local", "centralized", "fedavg", "hypcluster", "mapper", "fml", "pfedme", "fedme",
@@ -54,4 +54,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

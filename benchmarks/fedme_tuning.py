@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedapps.compare import Comparison, RunResult
-from fedapps.config import CommandLine, exit_on_bad_input
+from fedapps.config import CommandLine, run_command
 from fedapps.protocol.results import read_rounds
 
 OUT = Path(__file__).parent / "results"
@@ -303,4 +303,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

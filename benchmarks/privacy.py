@@ -49,7 +49,7 @@ from typing import Any
 
 from fedme_tuning import SETTINGS  # the tuning benchmark's clients (benchmarks/ is on the path)
 
-from fedapps.config import PROJECT, CommandLine, exit_on_bad_input, resolve
+from fedapps.config import PROJECT, CommandLine, resolve, run_command
 from fedapps.launch import run_experiment
 from fedapps.protocol.results import read_rounds
 
@@ -323,4 +323,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

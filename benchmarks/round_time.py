@@ -58,7 +58,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedapps import training
-from fedapps.config import CommandLine, RunConfig, exit_on_bad_input, method_uses, resolve
+from fedapps.config import CommandLine, RunConfig, method_uses, resolve, run_command
 from fedapps.inprocess import run_in_process
 from fedapps.launch import run_experiment
 from fedapps.methods.fedme.strategy import clustered_count
@@ -627,4 +627,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

@@ -13,6 +13,7 @@ the chosen method does not use.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -576,6 +577,15 @@ class CommandLine(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def run_command(main: Callable[[], int]) -> NoReturn:
+    """Every command's entry point (``if __name__ == "__main__"``). SIGTERM (`kill`, `timeout`)
+    becomes SystemExit, so the command leaves through the ``finally`` blocks and context managers
+    that stop the Flower processes it started: by default it would die alone and leave the
+    SuperLink, the simulation and Ray running. Then exits with ``main``'s status."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    sys.exit(exit_on_bad_input(main))
 
 
 def exit_on_bad_input(main: Callable[[], int]) -> int:

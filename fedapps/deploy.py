@@ -22,7 +22,6 @@ import argparse
 import json
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,9 +36,9 @@ from fedapps.config import (
     PROJECT,
     CommandLine,
     ConfigError,
-    exit_on_bad_input,
     parse_override,
     resolve,
+    run_command,
 )
 from fedapps.data.devices import node_config_line
 from fedapps.launch import (
@@ -415,8 +414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "(num-partitions must match)")
     values = named(values)  # the results folder whose summary says how the run ended
     home = args.home.resolve()
-    # `kill`/`timeout` send SIGTERM: exit through the context manager so it stops every process
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with deployment(nodes, home, tls=args.tls, auth=args.auth, verbose=args.tls or args.auth,
                     devices=devices) as deploy:
         scheme = ("TLS + SuperNode auth" if args.auth else "TLS" if args.tls else "insecure")
@@ -435,4 +432,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return outcome.code
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

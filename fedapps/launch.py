@@ -43,9 +43,9 @@ from fedapps.config import (
     PROJECT,
     CommandLine,
     RunConfig,
-    exit_on_bad_input,
     parse_override,
     resolve,
+    run_command,
 )
 from fedapps.methods.distill.channel import open_channel
 from fedapps.protocol.results import ERROR_LOG, FAILED, MISSING, run_status
@@ -289,8 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per client (Ray)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per client (Ray)")
     args = parser.parse_args(argv)
-    # `kill`/`timeout` send SIGTERM: leave through the finally blocks, which stop Flower
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         return launch(args.config, dict(args.overrides), args.num_cpus, args.num_gpus)
     except KeyboardInterrupt:
@@ -299,4 +297,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

@@ -1,8 +1,11 @@
+import signal
 import subprocess
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedapps.config import (
@@ -63,6 +66,43 @@ def test_commands_print_one_line_and_exit_2_on_a_bad_config(command, message):
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"error: {message}")
 
+
+def test_sigterm_stops_what_a_command_started(tmp_path):
+    """`kill`/`timeout` on a command ends it through its ``finally`` blocks, which stop what
+    it started (launch.run_experiment stops Flower there): without run_command the command died
+    alone and left the SuperLink, the simulation and Ray running."""
+    script = tmp_path / "command.py"
+    script.write_text(textwrap.dedent("""
+        import subprocess, sys, time
+        from fedapps.config import run_command
+
+        def main() -> int:
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            print(child.pid, flush=True)
+            try:
+                time.sleep(120)
+            finally:
+                child.kill()
+            return 0
+
+        run_command(main)
+    """))
+    command = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT,
+                               stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(command.stdout.readline()))
+    command.send_signal(signal.SIGTERM)
+    assert command.wait(timeout=30) == 128 + signal.SIGTERM
+    child.wait(timeout=10)  # raises TimeoutExpired if it was left running
+
+
+def test_every_command_that_starts_processes_enters_through_run_command():
+    scripts = [*PROJECT.glob("fedapps/**/*.py"), *PROJECT.glob("benchmarks/*.py")]
+    commands = [path for path in scripts if 'if __name__ == "__main__":' in path.read_text()
+                and path.name != "config.py"]  # config.py prints docs/config.md, starts nothing
+    assert len(commands) >= 10
+    for path in commands:
+        entry = path.read_text().split('if __name__ == "__main__":')[1]
+        assert entry.strip() == "run_command(main)", path
 
 def test_every_conf_file_is_a_valid_override():
     for path in sorted((PROJECT / "conf").glob("*.toml")):

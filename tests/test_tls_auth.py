@@ -9,7 +9,6 @@ SuperNodes run a whole FedAvg run; unregistered, `--insecure` and wrong-CA ones 
 from __future__ import annotations
 
 import shutil
-import signal
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -61,14 +60,10 @@ def test_script_runs_fedavg_on_registered_supernodes_over_tls(tmp_path, capsys):
     """`fedapps.deploy --tls --auth` end to end; the commands it prints are the doc's."""
     settings = [f"{key}={value}" for key, value in
                 {**TINY, "results-dir": str(tmp_path / "results")}.items()]
-    handler = signal.getsignal(signal.SIGTERM)
     started = time.monotonic()
-    try:
-        code = main(["--tls", "--auth", "--home", str(tmp_path / "fleet"),
-                     "--timeout", str(RUN_TIMEOUT_S),
-                     *[arg for setting in settings for arg in ("--set", setting)]])
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    code = main(["--tls", "--auth", "--home", str(tmp_path / "fleet"),
+                 "--timeout", str(RUN_TIMEOUT_S),
+                 *[arg for setting in settings for arg in ("--set", setting)]])
     out = capsys.readouterr().out
     print(out, f"took {time.monotonic() - started:.0f}s")
     assert code == 0, (tmp_path / "fleet" / "logs" / "superlink.log").read_text()[-3000:]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedapps.config import CommandLine, RunConfig, exit_on_bad_input, parse_override, resolve
+from fedapps.config import CommandLine, RunConfig, parse_override, resolve, run_command
 from fedapps.data.devices import (
     SPLITS,
     node_config_line,
@@ -78,4 +77,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)

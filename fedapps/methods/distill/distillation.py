@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedapps import training
-from fedapps.config import CommandLine, RunConfig, exit_on_bad_input, parse_override, resolve
+from fedapps.config import CommandLine, RunConfig, parse_override, resolve, run_command
 from fedapps.data.federated import DataError, client_data, num_clients_of, server_pool
 from fedapps.methods.distill.budget import ORIGIN, TimeBudget, TimeUp, grid_index
 from fedapps.methods.distill.channel import ChannelTimeout, ModelChannel, State, open_channel
@@ -480,4 +479,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_bad_input(main))
+    run_command(main)
