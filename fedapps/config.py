@@ -23,7 +23,7 @@ from typing import Any, Literal, NoReturn, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
-from fedapps.data.registry import DATASETS, DataError
+from fedapps.data.registry import BUILT_IN, DATASETS, DataError
 from fedapps.models import MODELS
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -287,6 +287,9 @@ class RunConfig(BaseModel):
             )
         if self.run_name and ("/" in self.run_name or self.run_name.startswith(".")):
             raise ConfigError(f"run-name='{self.run_name}': a plain folder name is expected")
+        if self.data_path and self.dataset in BUILT_IN:
+            raise ConfigError(f"data-path='{self.data_path}': dataset='{self.dataset}' is built in "
+                              "and reads no file; for your own file use dataset='npz'")
         for key, path in (("data-path", self.data_path), ("partition-file", self.partition_file)):
             if path and not Path(path).exists():
                 raise ConfigError(f"{key}='{path}': no such file or directory")

@@ -119,7 +119,11 @@ def test_every_conf_file_is_a_valid_override():
         ({"partitioner": "shards"}, "partitioner='shards' is not known"),
         ({"alpha-label": 0.0}, "alpha-label=0.0: must be > 0"),
         ({"alpha-size": -1}, "alpha-size=-1: must be > 0"),
-        ({"data-path": "/no/such/file.npz"}, "data-path='/no/such/file.npz': no such file"),
+        ({"dataset": "npz", "data-path": "/no/such/file.npz"},
+         "data-path='/no/such/file.npz': no such file"),
+        ({"data-path": "/no/such/file.npz"},  # digits would run and ignore it
+         "data-path='/no/such/file.npz': dataset='digits' is built in and reads no file"),
+        ({"dataset": "shapes", "data-path": "."}, "dataset='shapes' is built in"),
         ({"num-rouds": 3}, "unknown config key 'num-rouds'"),
         ({"num-clients": "many"}, "num-clients='many': expected an integer"),
         ({"fedme.init-arch": "cnn1,cnn9"}, "'cnn9' is not a model"),

@@ -130,6 +130,10 @@ def load_shakespeare(data_path: str = "") -> Dataset:
     )
 
 
+# Shipped with a package or generated: they read no file, so a data-path given with them would
+# be ignored while the run's config names it (the config refuses that pairing).
+BUILT_IN = frozenset({"digits", "digits28", "shapes"})
+
 DATASETS: dict[str, Callable[[str], Dataset]] = {
     "digits": load_digits,
     "digits28": load_digits28,
